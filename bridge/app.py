@@ -1,0 +1,92 @@
+"""The service: migrate, build the parts, run watcher, outbox and bot until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from telegram import Update
+from telegram.error import InvalidToken, TelegramError
+from telegram.ext import Application
+
+from bridge.chat_to_mail import Outbox
+from bridge.config import Settings
+from bridge.db.engine import Database, make_engine
+from bridge.db.migrate import upgrade_to_head
+from bridge.errors import BridgeError
+from bridge.mail_to_chat import Backoff, Watcher, WatchStatus, wait_or_stop
+from bridge.telegram.bot import build_application
+from bridge.telegram.deps import Deps
+
+logger = logging.getLogger(__name__)
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until stop is set (by SIGTERM/SIGINT when not given); raises BridgeError on failure."""
+    stop = stop or asyncio.Event()
+    _install_signals(stop)
+    engine = make_engine(settings.core.database_url)
+    await asyncio.to_thread(upgrade_to_head, engine)
+    db = Database(engine)
+    if not settings.telegram.allowed_user_ids:
+        logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot will serve nobody")
+    try:
+        await serve(settings, db, stop)
+    finally:
+        engine.dispose()
+
+
+async def serve(settings: Settings, db: Database, stop: asyncio.Event) -> None:
+    """The bot, the watcher and the outbox worker under one task group."""
+    deps = Deps(settings=settings, db=db, status=WatchStatus())
+    application = build_application(settings, deps)
+    watcher = Watcher(settings, db, application.bot, deps.status)
+    deps.outbox = outbox = Outbox(settings, db, application.bot)
+    if not await _initialize(application, stop):
+        return
+    try:
+        await application.start()
+        updater = application.updater
+        if updater is None:
+            raise BridgeError("the Telegram application has no updater")
+        # Never drop pending updates: commands sent while the bridge was down still count.
+        await updater.start_polling(allowed_updates=Update.ALL_TYPES, drop_pending_updates=False)
+        logger.info("mailbridge running: watching %s", settings.imap.mailbox)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(watcher.run(stop))
+            group.create_task(outbox.work(stop))
+            await stop.wait()
+        logger.info("stopping")
+        await updater.stop()
+        await application.stop()
+    finally:
+        await application.shutdown()
+
+
+async def _initialize(
+    application: Application[Any, Any, Any, Any, Any, Any], stop: asyncio.Event
+) -> bool:
+    """application.initialize() (getMe), retried while Telegram is unreachable."""
+    backoff = Backoff()
+    while True:
+        try:
+            await application.initialize()
+            return True
+        except InvalidToken as exc:
+            raise BridgeError("Telegram refused the bot token (BRIDGE_TELEGRAM__TOKEN)") from exc
+        except TelegramError as exc:
+            delay = backoff.next()
+            if backoff.attempt == 1:
+                logger.warning("Telegram unreachable (%s); retrying", exc)
+            if await wait_or_stop(stop, delay):
+                return False

@@ -1,0 +1,253 @@
+"""The command line: run, check, migrate, send, export. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import mimetypes
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from bridge import __version__
+from bridge.errors import BridgeError, ConfigError, MailError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors: one line, exit 2."""
+        self.exit(EXIT_USAGE, f"mailbridge: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree for every command."""
+    parser = _Parser(prog="mailbridge", description="Telegram <-> email bridge.")
+    parser.add_argument("--version", action="version", version=f"mailbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("run", help="run the bridge until SIGTERM/SIGINT")
+    sub.add_parser("check", help="check the settings and log in to IMAP, SMTP and Telegram")
+    sub.add_parser("migrate", help="apply the database migrations and exit")
+
+    send = sub.add_parser("send", help="send one mail through the configured SMTP server")
+    send.add_argument("--to", action="append", required=True, metavar="ADDR")
+    send.add_argument("--cc", action="append", default=[], metavar="ADDR")
+    send.add_argument("--bcc", action="append", default=[], metavar="ADDR")
+    send.add_argument("--subject", required=True)
+    body = send.add_mutually_exclusive_group()
+    body.add_argument("--body", default=None)
+    body.add_argument("--body-file", default=None, metavar="PATH|-")
+    send.add_argument("--attach", action="append", default=[], metavar="FILE")
+
+    export = sub.add_parser("export", help="list the mailbox as JSON (never marks mail as read)")
+    export.add_argument("--json", default=None, metavar="PATH", help="write here, not stdout")
+    export.add_argument("--limit", type=int, default=None, metavar="N")
+    export.add_argument("--mailbox", default=None, metavar="NAME")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mailbridge` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"mailbridge: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BridgeError as exc:
+        print(f"mailbridge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bridge import app
+    from bridge.config import load_settings
+    from bridge.logs import setup_logging
+
+    settings = load_settings()
+    setup_logging(settings.core.log_level, settings.secrets())
+    asyncio.run(app.run(settings))
+    return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from bridge.config import load_core
+    from bridge.db.engine import make_engine
+    from bridge.db.migrate import upgrade_to_head
+    from bridge.logs import setup_logging
+
+    core = load_core()
+    setup_logging(core.log_level)
+    engine = make_engine(core.database_url)
+    try:
+        head = upgrade_to_head(engine)
+    finally:
+        engine.dispose()
+    print(f"database at revision {head}")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from bridge.config import load_settings
+    from bridge.logs import SecretFilter, setup_logging
+
+    settings = load_settings()
+    setup_logging("WARNING", settings.secrets())
+    mask = SecretFilter(settings.secrets()).mask
+    results = asyncio.run(_checks(settings))
+    print("ok    configuration")
+    for ok, name, detail in results:
+        print(mask(f"{'ok   ' if ok else 'FAIL '} {name}: {detail}"))
+    return EXIT_OK if all(ok for ok, _, _ in results) else EXIT_FAILURE
+
+
+async def _checks(settings: Any) -> list[tuple[bool, str, str]]:
+    from telegram import Bot
+    from telegram.error import TelegramError
+
+    from bridge.mail import imap, smtp
+
+    results: list[tuple[bool, str, str]] = []
+    where = f"{settings.imap.username}@{settings.imap.host}:{settings.imap.port}"
+    try:
+        results.append((True, f"IMAP {where}", await imap.check_login(settings.imap)))
+    except MailError as exc:
+        results.append((False, f"IMAP {where}", str(exc)))
+    user = settings.smtp.login[0]
+    where = f"{user}@{settings.smtp.host}:{settings.smtp.port} ({settings.smtp.security})"
+    try:
+        results.append((True, f"SMTP {where}", await smtp.check_login(settings.smtp)))
+    except MailError as exc:
+        results.append((False, f"SMTP {where}", str(exc)))
+    api = settings.telegram.api_url
+    bot = Bot(
+        settings.telegram.token.get_secret_value(),
+        base_url=f"{api}/bot",
+        base_file_url=f"{api}/file/bot",
+    )
+    try:
+        async with bot:
+            me = await bot.get_me()
+        results.append((True, f"Telegram {api}", f"bot @{me.username} (id {me.id})"))
+    except TelegramError as exc:
+        results.append((False, f"Telegram {api}", f"getMe failed: {exc}"))
+    return results
+
+
+def _read_body(args: argparse.Namespace) -> str:
+    if args.body is not None:
+        return str(args.body)
+    if args.body_file is None:
+        return ""
+    if args.body_file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(args.body_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--body-file: cannot read {args.body_file}: {exc}") from None
+
+
+def _send(args: argparse.Namespace) -> int:
+    from bridge.config import load_core, load_smtp
+    from bridge.logs import setup_logging
+    from bridge.mail import compose, smtp
+
+    smtp_settings = load_smtp()
+    secrets = [smtp_settings.login[1]]
+    setup_logging(load_core().log_level, secrets)
+    attachments = []
+    for name in args.attach:
+        path = Path(name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--attach: cannot read {name}: {exc.strerror}") from None
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        attachments.append(compose.OutgoingAttachment(path.name, content_type, data))
+    try:
+        mail = compose.OutgoingMail(
+            to=compose.parse_addresses(", ".join(args.to)),
+            cc=compose.parse_addresses(", ".join(args.cc)) if args.cc else (),
+            bcc=compose.parse_addresses(", ".join(args.bcc)) if args.bcc else (),
+            subject=args.subject,
+            body=_read_body(args),
+            attachments=tuple(attachments),
+        )
+        sender = smtp_settings.sender
+        message = compose.build_message(mail, sender, message_id=compose.make_message_id(sender))
+    except compose.InvalidMail as exc:
+        raise ConfigError(str(exc)) from None
+    answer = asyncio.run(smtp.send(message, compose.envelope_recipients(mail), smtp_settings))
+    print(f"sent {message['Message-ID']}: {answer}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from bridge.config import load_core, load_imap
+    from bridge.logs import setup_logging
+
+    imap_settings = load_imap()
+    if args.mailbox:
+        imap_settings = imap_settings.model_copy(update={"mailbox": args.mailbox})
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError("--limit: must be 0 or more")
+    setup_logging(load_core().log_level, [imap_settings.password.get_secret_value()])
+    items = asyncio.run(_export_items(imap_settings, args.limit))
+    text = json.dumps(items, ensure_ascii=False, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {len(items)} messages to {args.json}", file=sys.stderr)
+    else:
+        print(text)
+    return EXIT_OK
+
+
+async def _export_items(settings: Any, limit: int | None) -> list[dict[str, Any]]:
+    from bridge.mail.imap import ImapSession
+    from bridge.mail.parse import parse_mail
+
+    session = ImapSession(settings)
+    try:
+        await session.connect()
+        uids = (await session.all_uids())[::-1]
+        if limit is not None:
+            uids = uids[:limit]
+        fetched = await session.fetch(uids)
+    finally:
+        await session.close()
+    items = []
+    for mail in fetched:
+        parsed = parse_mail(mail.raw, structure=mail.structure, text_limit=1_000_000)
+        sender = parsed.from_addr
+        if parsed.from_name:
+            sender = f"{parsed.from_name} <{parsed.from_addr}>" if sender else parsed.from_name
+        items.append(
+            {
+                "uid": mail.uid,
+                "message_id": parsed.message_id,
+                "date": parsed.date.isoformat() if parsed.date else None,
+                "from": sender,
+                "to": parsed.to,
+                "subject": parsed.subject,
+                "text": parsed.text,
+                "attachments": [
+                    {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+                    for a in parsed.attachments
+                ],
+            }
+        )
+    return items
+
+
+_COMMANDS = {
+    "run": _run,
+    "check": _check,
+    "migrate": _migrate,
+    "send": _send,
+    "export": _export,
+}

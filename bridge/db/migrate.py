@@ -1,0 +1,56 @@
+"""Alembic migrations run from code: `upgrade head`, refusing databases newer than this code."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from bridge.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+
+def script_location() -> Path:
+    """The migrations folder: packaged in a wheel, top-level in a checkout."""
+    packaged = Path(__file__).resolve().parent.parent / "migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent.parent / "migrations"
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic Config built in code (no alembic.ini needed at run time)."""
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    return config
+
+
+def upgrade_to_head(engine: Engine) -> str:
+    """Apply every migration; return the head revision.
+
+    Refuses a database stamped with a revision this code does not know: downgrading is not
+    supported, and guessing would corrupt it.
+    """
+    config = alembic_config(engine)
+    script = ScriptDirectory.from_config(config)
+    with engine.begin() as connection:
+        current = MigrationContext.configure(connection).get_current_heads()
+        known = {rev.revision for rev in script.walk_revisions()}
+        unknown = [rev for rev in current if rev not in known]
+        if unknown:
+            raise DatabaseError(
+                f"the database is at revision {unknown[0]}, which this version of mailbridge "
+                "does not know (it was used by a newer version); downgrading is not supported"
+            )
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    head = script.get_current_head() or ""
+    logger.info("database at revision %s", head)
+    return head

@@ -1,0 +1,306 @@
+"""IMAPS through imapclient behind one to_thread boundary: read-only select, UID fetch, IDLE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from bridge.config import ImapSettings
+from bridge.errors import PermanentMailError, TemporaryMailError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Enough for the headers and the start of the text; a 30 MB attachment is never downloaded.
+PREFIX_BYTES = 262_144
+# RFC 2177: servers may drop an IDLE after 30 minutes; re-issue well before.
+IDLE_RENEW = 9 * 60.0
+# How long one blocking idle_check may last: bounds how long a stop request waits.
+IDLE_SLICE = 1.0
+FETCH_BATCH = 25
+# BODY.PEEK: never set \Seen.
+_PREFIX_ITEM = f"BODY.PEEK[]<0.{PREFIX_BYTES}>"
+_SUMMARY_ITEMS = [_PREFIX_ITEM, "BODYSTRUCTURE", "RFC822.SIZE"]
+_HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE MESSAGE-ID TO)]"
+
+
+@dataclass(frozen=True)
+class FetchedMail:
+    """What the watcher needs of one message: the start of its bytes and its structure."""
+
+    uid: int
+    raw: bytes
+    structure: Any
+    size: int
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """The answer to a read-only SELECT."""
+
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+def ssl_context(ca_file: object | None) -> ssl.SSLContext:
+    """A verifying TLS context: the system store plus the configured CA file, if any."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+def _fetch_key(data: dict[bytes, Any], prefix: bytes) -> Any:
+    for key, value in data.items():
+        if key.startswith(prefix):
+            return value
+    return None
+
+
+def classify(exc: BaseException) -> Exception:
+    """Turn a library error into TemporaryMailError or PermanentMailError with one line."""
+    if isinstance(exc, LoginError):
+        return PermanentMailError(f"IMAP login refused: {_text(exc)}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return PermanentMailError(f"IMAP TLS certificate not trusted: {exc.verify_message}")
+    if isinstance(exc, TimeoutError):
+        return TemporaryMailError("IMAP server timed out")
+    if isinstance(exc, OSError | IMAPClientError | EOFError):
+        return TemporaryMailError(f"IMAP connection failed: {_text(exc)}")
+    return TemporaryMailError(f"IMAP error: {_text(exc)}")
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if text.startswith("b'") or text.startswith('b"'):
+        text = text[2:-1]
+    return text.splitlines()[0][:300]
+
+
+class ImapSession:
+    """One logged-in IMAPS connection with the watched folder selected read-only.
+
+    Every public coroutine runs the blocking imapclient call in a worker thread.
+    """
+
+    def __init__(self, settings: ImapSettings) -> None:
+        self.settings = settings
+        self._client: IMAPClient | None = None
+        self._idling = False
+
+    @property
+    def account(self) -> str:
+        """The key under which the database remembers this mailbox."""
+        return f"{self.settings.username}@{self.settings.host}:{self.settings.port}"
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (PermanentMailError, TemporaryMailError):
+            raise
+        except Exception as exc:
+            await self.close()
+            raise classify(exc) from exc
+
+    @property
+    def client(self) -> IMAPClient:
+        """The live client (connect() first)."""
+        if self._client is None:
+            raise TemporaryMailError("IMAP not connected")
+        return self._client
+
+    def _connect(self) -> FolderState:
+        s = self.settings
+        client = IMAPClient(
+            s.host, port=s.port, ssl=True, ssl_context=ssl_context(s.ca_file), timeout=s.timeout
+        )
+        try:
+            client.login(s.username, s.password.get_secret_value())
+            self._client = client
+            return self._select()
+        except Exception:
+            self._client = None
+            _shutdown(client)
+            raise
+
+    def _select(self) -> FolderState:
+        # readonly=True is EXAMINE: nothing we do can set \Seen or expunge.
+        info = self.client.select_folder(self.settings.mailbox, readonly=True)
+        return FolderState(
+            uidvalidity=int(info.get(b"UIDVALIDITY", 0)),
+            uidnext=int(info.get(b"UIDNEXT", 0)),
+            exists=int(info.get(b"EXISTS", 0)),
+        )
+
+    async def connect(self) -> FolderState:
+        """Connect, log in and select the folder read-only."""
+        return await self._call(self._connect)
+
+    async def reselect(self) -> FolderState:
+        """Select again (fresh UIDVALIDITY/UIDNEXT)."""
+        return await self._call(self._select)
+
+    @property
+    def can_idle(self) -> bool:
+        """True when the server offers IDLE and the settings allow it."""
+        return self.settings.idle and self.client.has_capability("IDLE")
+
+    def _uids_after(self, uid: int) -> list[int]:
+        # "n:*" always matches the highest UID even when it is below n (RFC 3501 §6.4.8).
+        found = self.client.search(["UID", f"{uid + 1}:*"])
+        return sorted(u for u in found if u > uid)
+
+    async def uids_after(self, uid: int) -> list[int]:
+        """UIDs above uid, ascending: a quiet check costs the same for any mailbox size."""
+        return await self._call(self._uids_after, uid)
+
+    async def all_uids(self) -> list[int]:
+        """Every UID in the folder, ascending (first contact only)."""
+        return await self._call(lambda: sorted(self.client.search("ALL")))
+
+    def _fetch(self, uids: list[int]) -> list[FetchedMail]:
+        result: list[FetchedMail] = []
+        for start in range(0, len(uids), FETCH_BATCH):
+            batch = uids[start : start + FETCH_BATCH]
+            data = self.client.fetch(batch, _SUMMARY_ITEMS)
+            for uid in batch:
+                item = data.get(uid)
+                if item is None:  # expunged meanwhile
+                    continue
+                raw = _fetch_key(item, b"BODY[]") or b""
+                result.append(
+                    FetchedMail(
+                        uid=uid,
+                        raw=raw,
+                        structure=item.get(b"BODYSTRUCTURE"),
+                        size=int(item.get(b"RFC822.SIZE", len(raw))),
+                    )
+                )
+        return result
+
+    async def fetch(self, uids: list[int]) -> list[FetchedMail]:
+        """The start of each message and its BODYSTRUCTURE, with BODY.PEEK (never \\Seen)."""
+        return await self._call(self._fetch, uids)
+
+    def _headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
+        result: list[tuple[int, bytes]] = []
+        for start in range(0, len(uids), 500):
+            batch = uids[start : start + 500]
+            data = self.client.fetch(batch, [_HEADER_ITEM])
+            result += [(u, _fetch_key(data[u], b"BODY[HEADER") or b"") for u in batch if u in data]
+        return result
+
+    async def headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
+        """(uid, a few header fields) for each UID still present, in the order given."""
+        return await self._call(self._headers, uids)
+
+    async def newest_headers(self, count: int) -> list[tuple[int, bytes]]:
+        """(uid, a few header fields) of the newest messages, newest first."""
+        uids = await self.all_uids()
+        return await self.headers(uids[::-1][:count])
+
+    async def noop(self) -> None:
+        """Keep the connection alive and let the server report changes."""
+        await self._call(self.client.noop)
+
+    def _idle_slice(self, deadline: float) -> bool:
+        client = self.client
+        if not self._idling:
+            client.idle()
+            self._idling = True
+        started = time.monotonic()
+        responses = client.idle_check(timeout=min(IDLE_SLICE, max(0.0, deadline - started)))
+        if any(_is_bye(r) for r in responses):
+            raise TemporaryMailError("IMAP server closed the connection")
+        if responses:
+            return True
+        if time.monotonic() - started < IDLE_SLICE / 10 and time.monotonic() < deadline:
+            # Readable but nothing parsed: imapclient swallows EOF; prove the link is alive.
+            self._end_idle()
+            client.noop()
+        return False
+
+    def _end_idle(self) -> None:
+        if self._idling:
+            self._idling = False
+            self.client.idle_done()
+
+    async def idle_wait(self, stop: asyncio.Event, renew_after: float = IDLE_RENEW) -> bool:
+        """Wait in IDLE until the server reports a change (True) or stop/renewal time (False)."""
+        deadline = time.monotonic() + renew_after
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                if await self._call(self._idle_slice, deadline):
+                    return True
+            return False
+        finally:
+            if self._client is not None:
+                await self._call(self._end_idle)
+
+    async def close(self) -> None:
+        """Log out (best effort) and drop the connection."""
+        client, self._client, self._idling = self._client, None, False
+        if client is not None:
+            await asyncio.to_thread(_logout, client)
+
+
+def _is_bye(response: Any) -> bool:
+    return isinstance(response, tuple) and len(response) > 0 and response[0] == b"BYE"
+
+
+def _logout(client: IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # the connection is going away either way
+        _shutdown(client)
+
+
+def _shutdown(client: IMAPClient) -> None:
+    with contextlib.suppress(Exception):  # nothing left to do with a dead socket
+        client.shutdown()
+
+
+async def check_login(settings: ImapSettings) -> str:
+    """Log in, select the folder read-only and log out; returns a one-line description."""
+    session = ImapSession(settings)
+    try:
+        state = await session.connect()
+        idle = "IDLE" if session.client.has_capability("IDLE") else "no IDLE"
+        return f"{state.exists} messages in {settings.mailbox}, {idle}"
+    finally:
+        await session.close()
+
+
+def _append_sent(settings: ImapSettings, raw: bytes) -> str | None:
+    client = IMAPClient(
+        settings.host,
+        port=settings.port,
+        ssl=True,
+        ssl_context=ssl_context(settings.ca_file),
+        timeout=settings.timeout,
+    )
+    try:
+        client.login(settings.username, settings.password.get_secret_value())
+        folder = settings.sent_mailbox or client.find_special_folder(b"\\Sent")
+        if not folder:
+            return None
+        client.append(folder, raw, flags=(b"\\Seen",))
+        return str(folder)
+    finally:
+        _logout(client)
+
+
+async def append_sent(settings: ImapSettings, raw: bytes) -> str | None:
+    """Save a copy of a sent mail in the Sent folder (BRIDGE_IMAP__SENT_MAILBOX, else the
+    SPECIAL-USE \\Sent folder); returns the folder, or None when there is none."""
+    try:
+        return await asyncio.to_thread(_append_sent, settings, raw)
+    except Exception as exc:
+        raise classify(exc) from exc

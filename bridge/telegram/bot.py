@@ -1,0 +1,126 @@
+"""The PTB Application: builder, the command table, and every handler in order."""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from telegram import BotCommand, Update
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    TypeHandler,
+    filters,
+)
+
+from bridge.config import Settings
+from bridge.telegram import commands
+from bridge.telegram.access import Gate
+from bridge.telegram.deps import Deps
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[Update, ContextTypes.DEFAULT_TYPE], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One chat command: feeds add_handler, /help and setMyCommands."""
+
+    name: str
+    usage: str
+    description: str
+    callback: Callback | None  # None: registered elsewhere (a conversation)
+
+
+def command_table() -> list[Command]:
+    """Every command, in the order /help lists them."""
+    from bridge.telegram import send
+
+    return [
+        Command("send", "/send ADDR[,ADDR] SUBJECT", "write a mail (alone: step by step)", None),
+        Command("inbox", "/inbox [N]", "the newest N mails, one line each", commands.inbox),
+        Command("status", "/status", "connection state, last check, counts", commands.status),
+        Command("help", "/help", "this list", commands.help_),
+        Command("start", "/start", "your ids and whether you may use the bot", commands.start),
+        Command("cancel", "/cancel", "stop the /send dialogue", send.cancel),
+    ]
+
+
+def help_text(table: list[Command]) -> str:
+    """The /help message, generated from the command table."""
+    lines = ["<b>Commands</b>"]
+    lines += [f"{html.escape(c.usage)} — {html.escape(c.description)}" for c in table]
+    lines.append("")
+    lines.append("Reply to a mail notification to answer that mail by email.")
+    return "\n".join(lines)
+
+
+async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Answer a command the bot does not know."""
+    if update.effective_message is not None:
+        await update.effective_message.reply_text(
+            "Unknown command. /help lists what I can do.", do_quote=False
+        )
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Log handler errors; the chat gets one line, never a traceback."""
+    logger.error("error while handling an update", exc_info=context.error)
+    if isinstance(update, Update) and update.effective_message is not None:
+        try:
+            await update.effective_message.reply_text(
+                "Something went wrong; the bridge's log has the details.", do_quote=False
+            )
+        except Exception:  # the chat may be what failed
+            logger.debug("could not report an error to the chat", exc_info=True)
+
+
+def build_application(
+    settings: Settings, dependencies: Deps
+) -> Application[Any, Any, Any, Any, Any, Any]:
+    """The one place that touches the builder and adds handlers (order matters)."""
+    from bridge.telegram import replies, send
+
+    api = settings.telegram.api_url
+    table = command_table()
+
+    async def set_commands(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        bot_commands = [BotCommand(c.name, c.description) for c in table]
+        await application.bot.set_my_commands(bot_commands)
+
+    application = (
+        ApplicationBuilder()
+        .token(settings.telegram.token.get_secret_value())
+        .base_url(f"{api}/bot")
+        .base_file_url(f"{api}/file/bot")
+        .rate_limiter(AIORateLimiter(max_retries=3))
+        .post_init(set_commands)
+        .build()
+    )
+    gate = Gate(settings.telegram.allowed_user_ids)
+    dependencies.gate = gate
+    application.bot_data["deps"] = dependencies
+    application.bot_data["help"] = help_text(table)
+
+    # 1. The gate, before everything else.
+    application.add_handler(TypeHandler(Update, gate), group=-1)
+    # 2. The /send dialogue (it owns /send and /cancel while active).
+    application.add_handler(send.conversation(settings.telegram.send_dialogue_timeout))
+    # 3. Plain commands from the table.
+    for command in table:
+        if command.callback is not None and command.name != "cancel":
+            application.add_handler(CommandHandler(command.name, command.callback))
+    # 4. Replies to posted mail; then anything else that looks like a command.
+    application.add_handler(CommandHandler("cancel", send.cancel))
+    application.add_handler(replies.handler())
+    application.add_handler(MessageHandler(filters.COMMAND, unknown_command))
+    application.add_error_handler(on_error)
+    return application

@@ -1,0 +1,35 @@
+"""The long-lived objects handlers need, stored once in bot_data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from telegram.ext import ContextTypes
+
+from bridge.config import Settings
+from bridge.db.engine import Database
+
+if TYPE_CHECKING:
+    from bridge.chat_to_mail import Outbox
+    from bridge.mail_to_chat import WatchStatus
+    from bridge.telegram.access import Gate
+
+
+@dataclass
+class Deps:
+    """Settings, database, the watcher's status, the outbox and the gate."""
+
+    settings: Settings
+    db: Database
+    status: WatchStatus
+    outbox: Outbox | None = None
+    gate: Gate | None = None
+
+
+def deps(context: ContextTypes.DEFAULT_TYPE) -> Deps:
+    """The Deps stored in bot_data by build_application()."""
+    value = context.bot_data["deps"]
+    if not isinstance(value, Deps):
+        raise TypeError("bot_data['deps'] is not set")
+    return value
