@@ -31,26 +31,34 @@ def _install_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until stop is set (by SIGTERM/SIGINT when not given); raises BridgeError on failure."""
-    stop = stop or asyncio.Event()
-    _install_signals(stop)
+async def run(
+    settings: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None
+) -> None:
+    """Run until stop is set (by SIGTERM/SIGINT when none is given); BridgeError on failure.
+
+    `ready` is set after each completed mailbox check (for tests and benchmarks).
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        _install_signals(stop)
     engine = make_engine(settings.core.database_url)
     await asyncio.to_thread(upgrade_to_head, engine)
     db = Database(engine)
     if not settings.telegram.allowed_user_ids:
         logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot will serve nobody")
     try:
-        await serve(settings, db, stop)
+        await serve(settings, db, stop, ready)
     finally:
         engine.dispose()
 
 
-async def serve(settings: Settings, db: Database, stop: asyncio.Event) -> None:
+async def serve(
+    settings: Settings, db: Database, stop: asyncio.Event, ready: asyncio.Event | None = None
+) -> None:
     """The bot, the watcher and the outbox worker under one task group."""
     deps = Deps(settings=settings, db=db, status=WatchStatus())
     application = build_application(settings, deps)
-    watcher = Watcher(settings, db, application.bot, deps.status)
+    watcher = Watcher(settings, db, application.bot, deps.status, checked=ready)
     deps.outbox = outbox = Outbox(settings, db, application.bot)
     if not await _initialize(application, stop):
         return

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import warnings
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from telegram import Bot, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+from telegram.warnings import PTBDeprecationWarning
 
 from bridge.config import Settings
 from bridge.db import store
@@ -53,7 +55,8 @@ class Backoff:
         """The next delay."""
         self.attempt += 1
         ceiling = min(self.cap, self.first * 2 ** (self.attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
+        jitter: float = random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
+        return float(ceiling / 2 + jitter)
 
     def reset(self) -> None:
         """Back to the first delay after a success."""
@@ -97,13 +100,18 @@ class Watcher:
     """The mail-to-chat loop: one IMAPS connection, IDLE or polling, reconnect with backoff."""
 
     def __init__(
-        self, settings: Settings, db: Database, bot: Bot, status: WatchStatus | None = None
+        self,
+        settings: Settings,
+        db: Database,
+        bot: Bot,
+        status: WatchStatus | None = None,
+        checked: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.bot = bot
         self.status = status or WatchStatus()
-        self.checked = asyncio.Event()  # set after every completed check (tests, benchmarks)
+        self.checked = checked or asyncio.Event()  # set after every check (tests, benchmarks)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until stop is set; connection errors never end the loop."""
@@ -256,11 +264,7 @@ class Watcher:
                 )
                 return message.message_id
             except RetryAfter as exc:
-                delay = float(
-                    exc.retry_after
-                    if isinstance(exc.retry_after, int | float)
-                    else exc.retry_after.total_seconds()
-                )
+                delay = retry_delay(exc)
             except BadRequest as exc:
                 if "parse entities" in exc.message.lower() and parse_mode is not None:
                     logger.warning(
@@ -277,6 +281,15 @@ class Watcher:
                 return None
             except (NetworkError, TelegramError) as exc:
                 delay = backoff.next()
-                logger.warning("Telegram unavailable (%s); retrying in %.1f s", exc, delay)
+                reason = str(exc).splitlines()[0][:100]
+                logger.warning("Telegram unavailable (%s); retrying in %.1f s", reason, delay)
             if await wait_or_stop(stop, delay):
                 raise Stopped
+
+
+def retry_delay(exc: RetryAfter) -> float:
+    """Seconds Telegram asked us to wait (an int today, a timedelta in a future PTB)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = exc.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)

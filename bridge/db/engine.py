@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -61,4 +62,4 @@ class Database:
         self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kw: P.kwargs
     ) -> T:
         """Run fn(session, ...) in a worker thread, so a locked SQLite never blocks the loop."""
-        return await asyncio.to_thread(self.call, fn, *args, **kw)
+        return await asyncio.to_thread(functools.partial(self.call, fn, *args, **kw))

@@ -239,4 +239,4 @@ def count_sent_by_user(session: Session, user_id: int, since: datetime) -> int:
 def outbox_counts(session: Session) -> dict[str, int]:
     """Number of outbox items per status."""
     rows = session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status))
-    return dict(rows.tuples().all())
+    return {row[0]: row[1] for row in rows}

@@ -207,7 +207,15 @@ def _parse_one(text: str) -> Address:
     if name.startswith('"'):
         name = re.sub(r"\\(.)", r"\1", name[1:-1])
     try:
-        valid = validate_email(raw_addr, check_deliverability=False, allow_smtputf8=False)
+        # Syntax only, no DNS: whether a dotless intranet name or an RFC 6761 *.test name is
+        # deliverable is the relay's call (email-validator still refuses *.local, localhost).
+        valid = validate_email(
+            raw_addr,
+            check_deliverability=False,
+            globally_deliverable=False,
+            test_environment=True,
+            allow_smtputf8=False,
+        )
     except EmailNotValidError as exc:
         raise InvalidMail(f"invalid address {_show(raw_addr)}: {exc}") from None
     # ascii_email: an internationalised domain in its IDNA (xn--) form for SMTP and headers.

@@ -213,15 +213,22 @@ class ImapSession:
     def _idle_slice(self, deadline: float) -> bool:
         client = self.client
         if not self._idling:
+            # Mail that arrived after our last SEARCH is reported here, not by the IDLE below
+            # (Dovecot only pushes changes that happen while idling).
+            _text, changes = client.noop()
+            if any(_is_change(r) for r in changes):
+                return True
             client.idle()
             self._idling = True
+            if _buffered_input(client):
+                return True
         started = time.monotonic()
         responses = client.idle_check(timeout=min(IDLE_SLICE, max(0.0, deadline - started)))
         if any(_is_bye(r) for r in responses):
             raise TemporaryMailError("IMAP server closed the connection")
-        if responses:
+        if any(_is_change(r) for r in responses):
             return True
-        if time.monotonic() - started < IDLE_SLICE / 10 and time.monotonic() < deadline:
+        if not responses and time.monotonic() - started < IDLE_SLICE / 10 < deadline - started:
             # Readable but nothing parsed: imapclient swallows EOF; prove the link is alive.
             self._end_idle()
             client.noop()
@@ -253,6 +260,36 @@ class ImapSession:
 
 def _is_bye(response: Any) -> bool:
     return isinstance(response, tuple) and len(response) > 0 and response[0] == b"BYE"
+
+
+def _is_change(response: Any) -> bool:
+    # "* 5 EXISTS" / "* 3 EXPUNGE" / "* 2 RECENT": the folder changed; "* OK Still here" did not.
+    return isinstance(response, tuple) and len(response) > 1 and response[1] in _CHANGES
+
+
+_CHANGES = frozenset({b"EXISTS", b"RECENT", b"EXPUNGE"})
+
+
+def _buffered_input(client: IMAPClient) -> bool:
+    """True when imaplib already holds server data that poll() on the socket cannot see.
+
+    The server may send "* 5 EXISTS" in the same packet as "+ idling"; imaplib's buffered reader
+    then holds it and idle_check(), which polls the socket, would wait for the next event.
+    """
+    sock = client.socket()
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    reader = getattr(client._imap, "file", None)
+    if reader is None or not hasattr(reader, "peek"):
+        return False
+    sock.setblocking(False)
+    try:
+        return bool(reader.peek(1))
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    finally:
+        sock.setblocking(True)
+        client._set_read_timeout()
 
 
 def _logout(client: IMAPClient) -> None:

@@ -1,9 +1,10 @@
-"""ParsedMail to a Telegram message (parse_mode HTML) within the Bot API's 4,096 characters; pure."""
+"""ParsedMail to a Telegram message (parse_mode HTML) within the Bot API length limit; pure."""
 
 from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 
 from bridge.mail.parse import ParsedMail
 
@@ -44,8 +45,11 @@ def _shorten(text: str, limit: int, *, escaped: bool = True) -> str:
     With `escaped`, `limit` counts UTF-16 units of the HTML-escaped text, so the caller can escape
     the result without ever splitting an entity; otherwise it counts characters.
     """
-    cost = (lambda ch: _utf16(_esc(ch))) if escaped else (lambda ch: 1)
-    if sum(cost(ch) for ch in text[: limit + 1]) <= limit and len(text) <= limit:
+
+    def cost(ch: str) -> int:
+        return _utf16(_esc(ch)) if escaped else 1
+
+    if len(text) <= limit and sum(map(cost, text)) <= limit:
         return text
     if limit < 1:
         return ""
@@ -57,8 +61,8 @@ def _shorten(text: str, limit: int, *, escaped: bool = True) -> str:
         cut += 1
     prefix = text[:cut]
     boundary = max(prefix.rfind(" "), prefix.rfind("\n"))
-    # Cut at the last word boundary unless that would throw away most of the room.
-    if boundary > cut * 0.6:
+    # Cut at the last word boundary unless the cut is one or that would waste most of the room.
+    if not text[cut].isspace() and boundary > cut * 0.6:
         prefix = prefix[:boundary]
     return prefix.rstrip() + "…"
 
@@ -112,7 +116,9 @@ def _attachments(mail: ParsedMail) -> str:
 def _problems(problems: list[str]) -> str:
     if not problems:
         return ""
-    detail = _one_line(problems[0]) + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+    detail = _one_line(problems[0]) + (
+        f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    )
     note = _esc(_shorten(f"could not decode part of this mail: {detail}", _PROBLEM))
     return f"<i>⚠️ {note}</i>"
 
@@ -123,7 +129,7 @@ def render_summary(mail: ParsedMail, *, preview_chars: int = 1200) -> str:
     head = [f"📧 <b>{_esc(_shorten(subject, _SUBJECT))}</b>"]
     head.append(f"From: {_esc(_shorten(_sender(mail), _LINE))}")
     if mail.date is not None:
-        head.append(f"Date: {mail.date.strftime('%Y-%m-%d %H:%M %z')}")
+        head.append(f"Date: {mail.date.strftime('%Y-%m-%d %H:%M %z').rstrip()}")
     head += [line for line in (_recipients("To", mail.to), _recipients("Cc", mail.cc)) if line]
     tail = "\n".join(line for line in (_attachments(mail), _problems(mail.problems)) if line)
     fixed = "\n".join(head) + ("\n\n" + tail if tail else "")
@@ -139,4 +145,25 @@ def render_unparseable(uid: int, size: int | None, reason: str) -> str:
     """A short message for a mail that could not be fetched or parsed at all."""
     size_note = f" ({format_size(size)})" if size is not None else ""
     reason_line = _esc(_shorten(_one_line(reason) or "unknown error", 1000))
-    return f"📧 <b>A new mail could not be read</b>\nIMAP UID {uid}{size_note}\n<i>{reason_line}</i>"
+    return (
+        f"📧 <b>A new mail could not be read</b>\nIMAP UID {uid}{size_note}\n<i>{reason_line}</i>"
+    )
+
+
+def render_digest(mails: Sequence[tuple[int, ParsedMail]]) -> str:
+    """One message for a burst of new mails: a line per mail (sender: subject), as many as fit."""
+    count = len(mails)
+    title = f"📬 <b>{count} new mail{'' if count == 1 else 's'}</b>"
+    lines: list[str] = []
+    used = _utf16(title)
+    for shown, (_uid, mail) in enumerate(mails):
+        sender = _one_line(mail.from_name) or _one_line(mail.from_addr) or "(unknown sender)"
+        subject = _one_line(mail.subject) or "(no subject)"
+        line = f"• {_esc(_shorten(sender, 60))}: {_esc(_shorten(subject, 120))}"
+        # Keep room for the "+N more" line that replaces whatever does not fit.
+        if used + 1 + _utf16(line) > MAX_MESSAGE - 30:
+            lines.append(f"+{count - shown} more")
+            break
+        lines.append(line)
+        used += 1 + _utf16(line)
+    return "\n".join([title, *lines])

@@ -16,11 +16,13 @@ class CA:
     """A trustme CA with one server certificate for localhost/127.0.0.1, written to PEM files."""
 
     def __init__(self, directory: Path | None = None) -> None:
-        """Create the CA and the server certificate and write both to `directory` (or a temp dir)."""
+        """Create the CA and the server certificate; write them to `directory` or a temp dir."""
         self._own_dir = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="mailbridge-ca.")) if directory is None else directory
+        self.directory = (
+            Path(tempfile.mkdtemp(prefix="mailbridge-ca.")) if directory is None else directory
+        )
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Dovecot's unprivileged processes may have to read these files: the dir must be traversable.
+        # Dovecot's unprivileged processes may read these files: the dir must be traversable.
         self.directory.chmod(0o755)
         self.ca = trustme.CA(organization_name="mailbridge test CA")
         self.server_cert = self.ca.issue_cert(*SERVER_NAMES)
@@ -29,7 +31,9 @@ class CA:
         self.key_file = self.directory / "server-key.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         # The chain file holds the leaf first, then any intermediates (trustme issues none).
-        self.cert_file.write_bytes(b"".join(pem.bytes() for pem in self.server_cert.cert_chain_pems))
+        self.cert_file.write_bytes(
+            b"".join(pem.bytes() for pem in self.server_cert.cert_chain_pems)
+        )
         self.server_cert.private_key_pem.write_to_path(str(self.key_file))
 
     def server_ssl_context(self) -> ssl.SSLContext:

@@ -241,6 +241,12 @@ def test_parse_addresses_normalises_idn_domain() -> None:
     assert parse_addresses("Info <info@Bücher.de>") == ("Info <info@xn--bcher-kva.de>",)
 
 
+def test_parse_addresses_accepts_local_domains() -> None:
+    # The configured relay decides whether an intranet name is deliverable.
+    got = parse_addresses("a@x.org, B <b@y.de>; c@z, e@mail.test")
+    assert got == ("a@x.org", "B <b@y.de>", "c@z", "e@mail.test")
+
+
 def test_parse_addresses_empty() -> None:
     with pytest.raises(InvalidMail, match="no recipient"):
         parse_addresses(" , ;")
@@ -254,7 +260,9 @@ def test_parse_addresses_empty() -> None:
         ("a@x.org b@y.de", "a@x.org b@y.de"),
         ("Name <a@x.org> trailing", "trailing"),
         ("<a@x.org", "<a@x.org"),
-        ("a@localhost", "a@localhost"),
+        ("a@-bad-.org", "a@-bad-.org"),
+        ("a@b..org", "a@b..org"),
+        ("a@host.local", "a@host.local"),
     ],
 )
 def test_parse_addresses_names_the_bad_one(text: str, named: str) -> None:

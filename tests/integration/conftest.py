@@ -1,0 +1,103 @@
+"""Settings factory and an in-process bridge for the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import app
+from bridge.config import CoreSettings, ImapSettings, Settings, SmtpSettings, TelegramSettings
+
+OWNER = 4242  # the allowed user; also the notify chat (private chat id == user id)
+
+
+def make_settings(
+    tmp_path: Path,
+    *,
+    dovecot: Any,
+    user: Any,
+    botapi: Any,
+    ca_file: Path,
+    smtpd: Any = None,
+    telegram: dict[str, Any] | None = None,
+    imap: dict[str, Any] | None = None,
+    smtp: dict[str, Any] | None = None,
+) -> Settings:
+    """Settings pointing at the test servers; nothing read from the environment or .env."""
+    tg = {"token": botapi.token, "api_url": botapi.url, "allowed_user_ids": [OWNER]}
+    tg.update(telegram or {})
+    im = {
+        "host": "127.0.0.1",
+        "port": dovecot.port,
+        "username": user.name,
+        "password": user.password,
+        "ca_file": ca_file,
+        "poll_interval": 0.5,
+    }
+    im.update(imap or {})
+    sm: dict[str, Any] = {"host": "127.0.0.1", "port": 1, "ca_file": ca_file}
+    if smtpd is not None:
+        sm.update(port=smtpd.port, username=smtpd.username, password=smtpd.password)
+    else:
+        sm.update(username=user.name, password=user.password)
+    sm.update(smtp or {})
+    return Settings(
+        core=CoreSettings(_env_file=None, database_url=f"sqlite:///{tmp_path}/bridge.db"),
+        telegram=TelegramSettings(_env_file=None, **tg),
+        imap=ImapSettings(_env_file=None, **im),
+        smtp=SmtpSettings(_env_file=None, **sm),
+    )
+
+
+@dataclass
+class RunningBridge:
+    """A bridge running in this event loop; stop() ends it like SIGTERM does."""
+
+    settings: Settings
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event
+    checked: asyncio.Event
+
+    async def ready(self, timeout: float = 15.0) -> None:
+        """Wait until the watcher has completed a mailbox check (it is connected and current)."""
+        await asyncio.wait_for(self.checked.wait(), timeout)
+
+    async def stop(self) -> None:
+        """Ask it to stop and wait (bounded) for a clean exit."""
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 20)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[RunningBridge]:
+    """Run the bridge for the duration of the block."""
+    stop, checked = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(app.run(settings, stop, checked))
+    bridge = RunningBridge(settings, task, stop, checked)
+    try:
+        yield bridge
+    finally:
+        if not task.done():
+            await bridge.stop()
+        else:
+            task.result()  # surface a crash
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path, dovecot: Any, mail_user: Any, botapi: Any, ca: Any):
+    """make_settings bound to this test's servers and user."""
+
+    def build(**kw: Any) -> Settings:
+        kw.setdefault("dovecot", dovecot)
+        kw.setdefault("user", mail_user)
+        kw.setdefault("botapi", botapi)
+        kw.setdefault("ca_file", Path(ca.ca_file))
+        return make_settings(tmp_path, **kw)
+
+    return build
