@@ -17,7 +17,7 @@ from bridge.config import Settings
 from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
 from bridge.errors import BridgeError
-from bridge.mail_to_chat import Backoff, Watcher, WatchStatus, wait_or_stop
+from bridge.mail_to_chat import Backoff, ChatLocks, Watcher, WatchStatus, wait_or_stop
 from bridge.telegram.bot import build_application
 from bridge.telegram.deps import Deps
 
@@ -56,9 +56,11 @@ async def serve(
     settings: Settings, db: Database, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
     """The bot, the watcher and the outbox worker under one task group."""
-    deps = Deps(settings=settings, db=db, status=WatchStatus())
+    deps = Deps(settings=settings, db=db, status=WatchStatus(), chat_locks=ChatLocks())
     application = build_application(settings, deps)
-    watcher = Watcher(settings, db, application.bot, deps.status, checked=ready)
+    watcher = Watcher(
+        settings, db, application.bot, deps.status, checked=ready, chat_locks=deps.chat_locks
+    )
     deps.outbox = outbox = Outbox(settings, db, application.bot)
     if not await _initialize(application, stop):
         return

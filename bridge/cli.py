@@ -152,6 +152,18 @@ def _read_body(args: argparse.Namespace) -> str:
         raise ConfigError(f"--body-file: cannot read {args.body_file}: {exc}") from None
 
 
+def _addresses(option: str, values: list[str]) -> tuple[str, ...]:
+    """The addresses given with a repeated option; a bad one is a usage error naming it."""
+    from bridge.mail import compose
+
+    if not values:
+        return ()
+    try:
+        return compose.parse_addresses(", ".join(values))
+    except compose.InvalidMail as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
 def _send(args: argparse.Namespace) -> int:
     from bridge.config import load_core, load_smtp
     from bridge.logs import setup_logging
@@ -169,17 +181,22 @@ def _send(args: argparse.Namespace) -> int:
             raise ConfigError(f"--attach: cannot read {name}: {exc.strerror}") from None
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         attachments.append(compose.OutgoingAttachment(path.name, content_type, data))
+    sender = smtp_settings.sender
+    try:
+        message_id = compose.make_message_id(sender)
+    except compose.InvalidMail as exc:
+        # The sender is FROM_ADDRESS, else the SMTP login: name the variable to fix.
+        raise ConfigError(f"BRIDGE_SMTP__FROM_ADDRESS: the sender {exc}") from None
     try:
         mail = compose.OutgoingMail(
-            to=compose.parse_addresses(", ".join(args.to)),
-            cc=compose.parse_addresses(", ".join(args.cc)) if args.cc else (),
-            bcc=compose.parse_addresses(", ".join(args.bcc)) if args.bcc else (),
+            to=_addresses("--to", args.to),
+            cc=_addresses("--cc", args.cc),
+            bcc=_addresses("--bcc", args.bcc),
             subject=args.subject,
             body=_read_body(args),
             attachments=tuple(attachments),
         )
-        sender = smtp_settings.sender
-        message = compose.build_message(mail, sender, message_id=compose.make_message_id(sender))
+        message = compose.build_message(mail, sender, message_id=message_id)
     except compose.InvalidMail as exc:
         raise ConfigError(str(exc)) from None
     answer = asyncio.run(smtp.send(message, compose.envelope_recipients(mail), smtp_settings))

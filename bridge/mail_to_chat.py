@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -39,6 +40,13 @@ class WatchStatus:
     errors: int = 0
     last_error: str = ""
     since: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class ChatLocks(defaultdict[int, asyncio.Lock]):
+    """One lock per chat, held while a summary is sent and recorded (mautrix PortalSendLock)."""
+
+    def __init__(self) -> None:
+        super().__init__(asyncio.Lock)
 
 
 class Stopped(Exception):
@@ -106,12 +114,14 @@ class Watcher:
         bot: Bot,
         status: WatchStatus | None = None,
         checked: asyncio.Event | None = None,
+        chat_locks: ChatLocks | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.bot = bot
         self.status = status or WatchStatus()
         self.checked = checked or asyncio.Event()  # set after every check (tests, benchmarks)
+        self.chat_locks = chat_locks if chat_locks is not None else ChatLocks()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until stop is set; connection errors never end the loop."""
@@ -208,17 +218,19 @@ class Watcher:
         for chat_id in self.settings.telegram.notify_chats:
             if chat_id in done:
                 continue
-            message_id = await self.send(chat_id, text, stop)
-            if message_id is not None:
-                # Only after Telegram accepted it: a crash before this line posts it again.
-                await self.db.run(
-                    store.record_summary,
-                    mailbox.id,
-                    mailbox.uidvalidity,
-                    record,
-                    chat_id,
-                    message_id,
-                )
+            # Held from send to record: a reply to this summary waits for its row (replies.py).
+            async with self.chat_locks[chat_id]:
+                message_id = await self.send(chat_id, text, stop)
+                if message_id is not None:
+                    # Only after Telegram accepted it: a crash before this line posts it again.
+                    await self.db.run(
+                        store.record_summary,
+                        mailbox.id,
+                        mailbox.uidvalidity,
+                        record,
+                        chat_id,
+                        message_id,
+                    )
         await self.db.run(store.advance, mailbox.id, fetched.uid)
         self.status.posted += 1
         logger.info(

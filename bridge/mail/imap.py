@@ -328,6 +328,8 @@ def _append_sent(settings: ImapSettings, raw: bytes) -> str | None:
         folder = settings.sent_mailbox or client.find_special_folder(b"\\Sent")
         if not folder:
             return None
+        if settings.sent_mailbox and not client.folder_exists(folder):
+            client.create_folder(folder)
         client.append(folder, raw, flags=(b"\\Seen",))
         return str(folder)
     finally:

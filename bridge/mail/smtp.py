@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from bridge.errors import MailError, PermanentMailError, TemporaryMailError
 logger = logging.getLogger(__name__)
 
 _MAX_REASON = 300
+_CLOSE_WAIT = 2.0
 _E = TypeVar("_E", bound=BaseException)
 
 
@@ -40,7 +42,7 @@ async def send(message: EmailMessage, recipients: Sequence[str], settings: SmtpS
             message, sender=sender, recipients=list(recipients)
         )
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
-        smtp.close()
+        await _close(smtp)
         raise _translate(exc, settings) from None
     # The server has taken the mail: a failing QUIT must not make the caller send it again.
     await _quit(smtp)
@@ -68,7 +70,7 @@ async def check_login(settings: SmtpSettings) -> str:
         greeting = await smtp.connect()
         await smtp.login(*settings.login)
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
-        smtp.close()
+        await _close(smtp)
         raise _translate(exc, settings) from None
     await _quit(smtp)
     return _one_line(f"{greeting.code} {greeting.message}", settings)
@@ -96,7 +98,22 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
         logger.debug("QUIT failed after a finished transaction", exc_info=True)
     finally:
-        smtp.close()
+        await _close(smtp)
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    """Close the connection and wait, briefly, until the socket is really closed."""
+    protocol = smtp.protocol
+    smtp.close()
+    # A TLS transport closes its socket only after the close_notify exchange (RFC 8446
+    # §6.1); returning earlier lets a loop that stops next (shutdown, tests) leak the socket.
+    # aiosmtplib offers no close waiter; connection_lost() clears protocol.transport.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _CLOSE_WAIT
+    while protocol is not None and protocol.transport is not None:
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.01)
 
 
 def _bare_address(sender: str) -> str:

@@ -41,7 +41,9 @@ class Gate:
         user = update.effective_user
         if self.is_allowed(user.id if user else None):
             return
-        if user is not None and self._should_answer(user.id):
+        # Only what would be answered counts towards the window: a stranger's chatter in a
+        # group must not use up the refusal their first command there gets.
+        if user is not None and _addressed(update) and self._should_answer(user.id):
             logger.info(
                 "refused user %s (chat %s)",
                 user.id,
@@ -66,16 +68,25 @@ class Gate:
             await update.callback_query.answer("⛔ Not allowed.", show_alert=True)
             return
         message = update.effective_message
-        if message is None or chat is None:
-            return
-        # In groups only answer what was addressed to the bot (commands, replies to it).
-        addressed = bool(message.text and message.text.startswith("/")) or (
-            message.reply_to_message is not None
-            and message.reply_to_message.from_user is not None
-            and message.reply_to_message.from_user.id == context_bot_id(update)
-        )
-        if chat.type == chat.PRIVATE or addressed:
+        if message is not None and chat is not None:
             await message.reply_text(text, do_quote=False)
+
+
+def _addressed(update: Update) -> bool:
+    """Whether the bot would answer: a button, a private chat, or a command or reply in a group."""
+    if update.callback_query is not None:
+        return True
+    message, chat = update.effective_message, update.effective_chat
+    if message is None or chat is None:
+        return False
+    if chat.type == chat.PRIVATE:
+        return True
+    # In groups only answer what was addressed to the bot (commands, replies to it).
+    return bool(message.text and message.text.startswith("/")) or (
+        message.reply_to_message is not None
+        and message.reply_to_message.from_user is not None
+        and message.reply_to_message.from_user.id == context_bot_id(update)
+    )
 
 
 def context_bot_id(update: Update) -> int | None:

@@ -12,17 +12,18 @@ from bridge.db.engine import Database
 
 if TYPE_CHECKING:
     from bridge.chat_to_mail import Outbox
-    from bridge.mail_to_chat import WatchStatus
+    from bridge.mail_to_chat import ChatLocks, WatchStatus
     from bridge.telegram.access import Gate
 
 
 @dataclass
 class Deps:
-    """Settings, database, the watcher's status, the outbox and the gate."""
+    """Settings, database, the watcher's status and chat locks, the outbox and the gate."""
 
     settings: Settings
     db: Database
     status: WatchStatus
+    chat_locks: ChatLocks
     outbox: Outbox | None = None
     gate: Gate | None = None
 

@@ -35,7 +35,9 @@ async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     original = message.reply_to_message
     if original.from_user is None or original.from_user.id != context.bot.id:
         return  # people answering each other in a group: not for us
-    record = await deps(context).db.run(store.find_by_summary, chat.id, original.message_id)
+    d = deps(context)
+    async with d.chat_locks[chat.id]:  # a summary being recorded right now is found
+        record = await d.db.run(store.find_by_summary, chat.id, original.message_id)
     if record is None:
         await message.reply_text(NOT_A_MAIL, do_quote=False)
         return
