@@ -10,6 +10,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
+from sqlalchemy.exc import OperationalError
 from telegram import Bot
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
@@ -17,7 +18,7 @@ from telegram.error import TelegramError
 from bridge.config import Settings
 from bridge.db import store
 from bridge.db.engine import Database
-from bridge.errors import BridgeError, PermanentMailError, TemporaryMailError
+from bridge.errors import BridgeError, DatabaseError, PermanentMailError, TemporaryMailError
 from bridge.mail import smtp
 from bridge.mail.compose import OutgoingMail, build_message, envelope_recipients, make_message_id
 from bridge.mail.imap import append_sent
@@ -44,9 +45,17 @@ class Outbox:
         self._wakeup = asyncio.Event()
 
     async def submit(
-        self, mail: OutgoingMail, *, chat_id: int | None = None, user_id: int | None = None
-    ) -> int:
+        self,
+        mail: OutgoingMail,
+        *,
+        chat_id: int | None = None,
+        user_id: int | None = None,
+        source_message_id: int | None = None,
+    ) -> int | None:
         """Store a mail for sending and wake the worker; returns the outbox id.
+
+        Returns None when the chat message `source_message_id` was already accepted: Telegram
+        re-delivers updates the bridge had not confirmed before a crash.
 
         Raises RateLimited when the user is over BRIDGE_TELEGRAM__SEND_RATE_LIMIT per hour, and
         compose.InvalidMail when the mail cannot be built.
@@ -71,7 +80,13 @@ class Outbox:
             recipients=envelope_recipients(mail),
             subject=mail.subject,
             raw=message.as_bytes(policy=email.policy.SMTP),
+            source_message_id=source_message_id,
         )
+        if item_id is None:
+            logger.info(
+                "chat message %s was already accepted; not sending again", source_message_id
+            )
+            return None
         logger.info(
             "outbox item %d stored (%d recipients)", item_id, len(envelope_recipients(mail))
         )
@@ -86,28 +101,36 @@ class Outbox:
     async def work(self, stop: asyncio.Event) -> None:
         """Send due items until stop is set; the item in hand is finished first."""
         while not stop.is_set():
-            due = await self.db.run(store.due_outbox, datetime.now(UTC))
-            for item in due:
-                await self._attempt(item)
-                if stop.is_set():
-                    return
-            if due:
-                continue
-            self._wakeup.clear()
-            next_due = await self.db.run(store.next_outbox_due)
-            delay = IDLE_CHECK
-            if next_due is not None:
-                delay = max(
-                    0.0, (next_due.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
-                )
-                delay = min(delay, IDLE_CHECK)
-            waiter = asyncio.ensure_future(self._wakeup.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait(
-                {waiter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-            )
-            waiter.cancel()
-            stopper.cancel()
+            try:
+                due = await self.db.run(store.due_outbox, datetime.now(UTC))
+                for item in due:
+                    await self._attempt(item)
+                    if stop.is_set():
+                        return
+                if due:
+                    continue
+                delay = await self._idle_delay()
+            except (OperationalError, DatabaseError) as exc:
+                logger.error("outbox: database unusable (%s); retrying", exc)
+                delay = IDLE_CHECK
+            await self._sleep(stop, delay)
+
+    async def _idle_delay(self) -> float:
+        self._wakeup.clear()
+        next_due = await self.db.run(store.next_outbox_due)
+        if next_due is None:
+            return IDLE_CHECK
+        wait = (next_due.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
+        return min(max(0.0, wait), IDLE_CHECK)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        """Sleep until seconds pass, a new item is submitted, or stop is set."""
+        waiters = {asyncio.ensure_future(self._wakeup.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _attempt(self, item: store.OutgoingRecord) -> None:
         message = email.message_from_bytes(item.raw, _class=EmailMessage, policy=email.policy.SMTP)
@@ -118,11 +141,12 @@ class Outbox:
             await self._retry_or_fail(item, str(exc))
             return
         except PermanentMailError as exc:
-            await self.db.run(store.mark_outbox, item.id, "failed", error=str(exc))
+            await self.db.persist(store.mark_outbox, item.id, "failed", error=str(exc))
             logger.warning("outbox item %d failed: %s", item.id, exc)
             await self._tell(item, f"❌ Not sent: {exc}")
             return
-        await self.db.run(store.mark_outbox, item.id, "sent", error=answer)
+        # The mail is gone: this write must land, or a restart would send it again.
+        await self.db.persist(store.mark_outbox, item.id, "sent", error=answer)
         logger.info("outbox item %d sent", item.id)
         await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}")
         if self.settings.imap.save_sent:

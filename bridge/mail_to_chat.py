@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy.exc import OperationalError
 from telegram import Bot, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
@@ -18,7 +19,7 @@ from telegram.warnings import PTBDeprecationWarning
 from bridge.config import Settings
 from bridge.db import store
 from bridge.db.engine import Database
-from bridge.errors import MailError, PermanentMailError
+from bridge.errors import DatabaseError, MailError, PermanentMailError
 from bridge.mail.imap import FetchedMail, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
 from bridge.mail.summary import render_digest, render_summary, render_unparseable
@@ -133,7 +134,7 @@ class Watcher:
                 await self._watch(session, stop, backoff)
             except Stopped:
                 break
-            except MailError as exc:
+            except (MailError, DatabaseError, OperationalError) as exc:
                 self.status.state, self.status.errors = "disconnected", self.status.errors + 1
                 self.status.last_error = str(exc)
                 if outage_since is None:
@@ -204,7 +205,7 @@ class Watcher:
                 last = fetched.uid
             # Expunged between search and fetch: nothing to post, but not to be asked again.
             last = max(last, uids[min(start + 25, len(uids)) - 1])
-            await self.db.run(store.advance, mailbox.id, last)
+            await self.db.persist(store.advance, mailbox.id, last)
         self.status.last_uid = max(self.status.last_uid, last)
         self.checked.set()
         return store.MailboxState(mailbox.id, mailbox.uidvalidity, last)
@@ -223,7 +224,7 @@ class Watcher:
                 message_id = await self.send(chat_id, text, stop)
                 if message_id is not None:
                     # Only after Telegram accepted it: a crash before this line posts it again.
-                    await self.db.run(
+                    await self.db.persist(
                         store.record_summary,
                         mailbox.id,
                         mailbox.uidvalidity,
@@ -231,7 +232,7 @@ class Watcher:
                         chat_id,
                         message_id,
                     )
-        await self.db.run(store.advance, mailbox.id, fetched.uid)
+        await self.db.persist(store.advance, mailbox.id, fetched.uid)
         self.status.posted += 1
         logger.info(
             "posted mail uid %d to %d chat(s)",
@@ -253,7 +254,7 @@ class Watcher:
         for chat_id in self.settings.telegram.notify_chats:
             await self.send(chat_id, text, stop)
         last = uids[-1]
-        await self.db.run(store.advance, mailbox.id, last)
+        await self.db.persist(store.advance, mailbox.id, last)
         self.status.posted += len(uids)
         logger.info("posted a digest of %d mails", len(uids))
         return last

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from bridge.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
+PERSIST_FOR = 120.0
 T = TypeVar("T")
 
 
@@ -29,13 +36,15 @@ def make_engine(url: str) -> Engine:
         if not path.exists():
             # The database holds mail metadata: owner-only from its first byte.
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    # ?timeout=N in the URL (seconds) sets how long a writer waits for a lock; default 30.
+    timeout = float(parsed.query.get("timeout", 30))  # type: ignore[arg-type]
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -63,3 +72,26 @@ class Database:
     ) -> T:
         """Run fn(session, ...) in a worker thread, so a locked SQLite never blocks the loop."""
         return await asyncio.to_thread(functools.partial(self.call, fn, *args, **kw))
+
+    async def persist(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kw: P.kwargs
+    ) -> T:
+        """Like run(), for writes that must land (a posted summary, a sent mail).
+
+        A locked database, a full disk or an I/O error is retried with backoff for up to
+        PERSIST_FOR seconds, logged once; the transaction is rolled back each time, so the
+        database never holds half a write. Then DatabaseError.
+        """
+        delay, deadline, logged = 0.1, time.monotonic() + PERSIST_FOR, False
+        while True:
+            try:
+                return await self.run(fn, *args, **kw)
+            except OperationalError as exc:
+                reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
+                if time.monotonic() > deadline:
+                    raise DatabaseError(f"database unusable: {reason}") from exc
+                if not logged:
+                    logger.error("database write failed (%s); retrying", reason)
+                    logged = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -94,11 +94,15 @@ class OutboxItem(Base):
     """An outgoing mail: written before sending, marked sent only after SMTP accepted it."""
 
     __tablename__ = "outbox_item"
+    # Telegram re-delivers an update when the bridge dies before confirming it: the same chat
+    # message must not become a second mail.
+    __table_args__ = (UniqueConstraint("chat_id", "source_message_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     chat_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     user_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    source_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     message_id: Mapped[str] = mapped_column(Text)
     recipients: Mapped[str] = mapped_column(Text)
     subject: Mapped[str] = mapped_column(Text, default="")

@@ -159,11 +159,24 @@ def add_outbox(
     recipients: list[str],
     subject: str,
     raw: bytes,
-) -> int:
-    """Store an outgoing mail before anything is sent; returns its id."""
+    source_message_id: int | None = None,
+) -> int | None:
+    """Store an outgoing mail before anything is sent; returns its id.
+
+    Returns None when this chat message was already stored (Telegram re-delivered the update).
+    """
+    if source_message_id is not None and chat_id is not None:
+        seen = session.scalar(
+            select(OutboxItem.id).where(
+                OutboxItem.chat_id == chat_id, OutboxItem.source_message_id == source_message_id
+            )
+        )
+        if seen is not None:
+            return None
     item = OutboxItem(
         chat_id=chat_id,
         user_id=user_id,
+        source_message_id=source_message_id,
         message_id=message_id,
         recipients="\n".join(recipients),
         subject=subject,

@@ -44,6 +44,9 @@ async def send(message: EmailMessage, recipients: Sequence[str], settings: SmtpS
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
         await _close(smtp)
         raise _translate(exc, settings) from None
+    except BaseException:  # cancelled (shutdown): drop the connection, keep the cause
+        smtp.close()
+        raise
     # The server has taken the mail: a failing QUIT must not make the caller send it again.
     await _quit(smtp)
     # RFC 5321 §4.2.2: the message was accepted only after DATA was answered with 250.
@@ -72,6 +75,9 @@ async def check_login(settings: SmtpSettings) -> str:
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
         await _close(smtp)
         raise _translate(exc, settings) from None
+    except BaseException:  # cancelled (shutdown): drop the connection, keep the cause
+        smtp.close()
+        raise
     await _quit(smtp)
     return _one_line(f"{greeting.code} {greeting.message}", settings)
 
@@ -79,7 +85,10 @@ async def check_login(settings: SmtpSettings) -> str:
 def _client(settings: SmtpSettings) -> aiosmtplib.SMTP:
     # Certificates are always verified; a private CA comes from ca_file, else the system store.
     cafile = str(settings.ca_file) if settings.ca_file is not None else None
-    tls_context = ssl.create_default_context(cafile=cafile)
+    try:
+        tls_context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentMailError(f"cannot load the CA file {cafile}: {exc}") from None
     implicit = settings.security == "ssl"
     return aiosmtplib.SMTP(
         hostname=settings.host,

@@ -63,7 +63,7 @@ async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     except AttachmentError as exc:
         await message.reply_text(str(exc), do_quote=False)
         return
-    await submit(update, context, mail)
+    await submit(update, context, mail, message.message_id)
 
 
 def handler() -> MessageHandler[Any, Any]:

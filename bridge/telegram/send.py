@@ -89,19 +89,29 @@ def parse_send_command(text: str) -> tuple[tuple[str, ...], str, str]:
     return parse_addresses(parts[1]), parts[2].strip(), body
 
 
-async def submit(update: Update, context: ContextTypes.DEFAULT_TYPE, mail: OutgoingMail) -> None:
-    """Hand a mail to the outbox and say what happened."""
+async def submit(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, mail: OutgoingMail, source_id: int
+) -> None:
+    """Hand a mail to the outbox and say what happened.
+
+    source_id is the chat message that asked for the mail: the outbox refuses it twice.
+    """
     message, user, chat = update.effective_message, update.effective_user, update.effective_chat
     outbox = deps(context).outbox
     if message is None or outbox is None:
         return
     try:
-        await outbox.submit(
-            mail, chat_id=chat.id if chat else None, user_id=user.id if user else None
+        item = await outbox.submit(
+            mail,
+            chat_id=chat.id if chat else None,
+            user_id=user.id if user else None,
+            source_message_id=source_id,
         )
     except (InvalidMail, RateLimited) as exc:
         await message.reply_text(str(exc), do_quote=False)
         return
+    if item is None:
+        return  # a re-delivered update: it was answered the first time
     await message.reply_text(
         f"📤 Sending to {html.escape(', '.join(mail.to + mail.cc + mail.bcc))}…",
         parse_mode=ParseMode.HTML,
@@ -129,7 +139,7 @@ async def send_entry(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     except (InvalidMail, AttachmentError) as exc:
         await message.reply_text(str(exc), do_quote=False)
         return ConversationHandler.END
-    await submit(update, context, mail)
+    await submit(update, context, mail, message.message_id)
     return ConversationHandler.END
 
 
@@ -205,7 +215,8 @@ async def confirm(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     mail = OutgoingMail(
         to=data["to"], subject=data["subject"], body=data["body"], attachments=data["attachments"]
     )
-    await submit(update, context, mail)
+    draft_id = query.message.message_id if query.message else 0
+    await submit(update, context, mail, draft_id)
     return ConversationHandler.END
 
 

@@ -41,7 +41,7 @@ def test_models_and_migrations_do_not_drift(db: Database) -> None:
 
 
 def test_upgrade_is_idempotent(db: Database) -> None:
-    assert upgrade_to_head(db.engine) == "0002"
+    assert upgrade_to_head(db.engine) == "0003"
 
 
 def test_unknown_revision_is_refused(db: Database) -> None:
@@ -101,3 +101,41 @@ def test_outbox_lifecycle_and_rate_count(db: Database) -> None:
     assert db.call(store.outbox_counts) == {"sent": 1}
     assert db.call(store.count_sent_by_user, 7, now - timedelta(hours=1)) == 1
     assert db.call(store.count_sent_by_user, 8, now - timedelta(hours=1)) == 0
+
+
+def test_a_chat_message_becomes_at_most_one_outbox_item(db: Database) -> None:
+    """Telegram re-delivers an unconfirmed update after a crash: it must not send twice."""
+    kw = {
+        "chat_id": 5,
+        "user_id": 5,
+        "message_id": "<m@x>",
+        "recipients": ["a@x.org"],
+        "subject": "S",
+        "raw": b"raw",
+        "source_message_id": 77,
+    }
+    first = db.call(store.add_outbox, **kw)
+    assert first is not None
+    assert db.call(store.add_outbox, **kw) is None
+    assert db.call(store.add_outbox, **{**kw, "chat_id": 6}) is not None  # other chat, other msg
+
+
+async def test_persist_retries_a_locked_database(tmp_path: Path) -> None:
+    """A write that meets a locked database waits and lands; nothing half-written."""
+    import asyncio
+    import sqlite3
+
+    engine = make_engine(f"sqlite:///{tmp_path}/locked.db?timeout=0.1")
+    upgrade_to_head(engine)
+    db = Database(engine)
+    box = db.call(store.reset_mailbox, "a", "INBOX", 1, 0)
+    blocker = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    write = asyncio.create_task(db.persist(store.advance, box.id, 9))
+    await asyncio.sleep(0.5)  # the lock is held while persist retries; then released
+    assert not write.done()
+    blocker.execute("COMMIT")
+    blocker.close()
+    await asyncio.wait_for(write, 10)
+    assert db.call(store.get_mailbox, "a", "INBOX").last_uid == 9
+    engine.dispose()
