@@ -17,6 +17,7 @@ from bridge.config import Settings
 from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
 from bridge.errors import BridgeError
+from bridge.logs import mask_secrets
 from bridge.mail_to_chat import Backoff, ChatLocks, Watcher, WatchStatus, wait_or_stop
 from bridge.telegram.bot import build_application
 from bridge.telegram.deps import Deps
@@ -41,8 +42,14 @@ async def run(
     if stop is None:
         stop = asyncio.Event()
         _install_signals(stop)
+    unmask = mask_secrets(settings.secrets())
     engine = make_engine(settings.core.database_url)
-    await asyncio.to_thread(upgrade_to_head, engine)
+    try:
+        await asyncio.to_thread(upgrade_to_head, engine)
+    except BaseException:
+        engine.dispose()
+        unmask()
+        raise
     db = Database(engine)
     if not settings.telegram.allowed_user_ids:
         logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot will serve nobody")
@@ -50,6 +57,7 @@ async def run(
         await serve(settings, db, stop, ready)
     finally:
         engine.dispose()
+        unmask()
 
 
 async def serve(

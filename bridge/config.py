@@ -63,6 +63,7 @@ class TelegramSettings(BaseSettings):
     notify_chat_ids: Annotated[list[int] | None, NoDecode] = None
     preview_chars: int = Field(default=1200, ge=0, le=3500)
     digest_threshold: int = Field(default=20, ge=2)
+    chat_interval: float = Field(default=1.0, ge=0, le=60)
     send_rate_limit: int = Field(default=30, ge=1)
     send_dialogue_timeout: float = Field(default=600.0, gt=0)
 

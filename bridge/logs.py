@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 MASK = "***"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -56,3 +56,20 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def mask_secrets(secrets: Iterable[str]) -> Callable[[], None]:
+    """Add a SecretFilter to every handler of the root logger; returns a function that undoes it.
+
+    app.run() calls this, so secrets are masked however the embedding program set up logging.
+    """
+    secret_filter = SecretFilter(secrets)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(secret_filter)
+
+    def undo() -> None:
+        for handler in handlers:
+            handler.removeFilter(secret_filter)
+
+    return undo

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Watcher:
         self.status = status or WatchStatus()
         self.checked = checked or asyncio.Event()  # set after every check (tests, benchmarks)
         self.chat_locks = chat_locks if chat_locks is not None else ChatLocks()
+        self._last_post: dict[int, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until stop is set; connection errors never end the loop."""
@@ -267,6 +269,11 @@ class Watcher:
         """
         backoff = Backoff()
         parse_mode: str | None = ParseMode.HTML
+        # Bot API FAQ: about one message per second per chat; groups are also held to 20 a
+        # minute by PTB's AIORateLimiter.
+        pause = self._last_post.get(chat_id, -1e9) + self.settings.telegram.chat_interval
+        if pause > time.monotonic() and await wait_or_stop(stop, pause - time.monotonic()):
+            raise Stopped
         while True:
             try:
                 message = await self.bot.send_message(
@@ -275,6 +282,7 @@ class Watcher:
                     parse_mode=parse_mode,
                     link_preview_options=LinkPreviewOptions(is_disabled=True),
                 )
+                self._last_post[chat_id] = time.monotonic()
                 return message.message_id
             except RetryAfter as exc:
                 delay = retry_delay(exc)

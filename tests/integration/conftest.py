@@ -30,7 +30,13 @@ def make_settings(
     smtp: dict[str, Any] | None = None,
 ) -> Settings:
     """Settings pointing at the test servers; nothing read from the environment or .env."""
-    tg = {"token": botapi.token, "api_url": botapi.url, "allowed_user_ids": [OWNER]}
+    # chat_interval 0: tests post many mails quickly; test_faults_telegram checks the pacing.
+    tg = {
+        "token": botapi.token,
+        "api_url": botapi.url,
+        "allowed_user_ids": [OWNER],
+        "chat_interval": 0,
+    }
     tg.update(telegram or {})
     im = {
         "host": "127.0.0.1",
