@@ -11,6 +11,7 @@ import re
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from types import TracebackType
 from typing import Any
 
@@ -593,7 +594,9 @@ class FakeBotApi:
     def _store_upload(self, data: bytes, folder: str, name: str) -> str:
         """Register `data` as a file and return its new file_id."""
         file_id = f"BQACAgIAAx{next(self._ids):08d}"
-        stored = _StoredFile(file_id, f"u{file_id}", f"{folder}/file_{file_id}_{name}", data)
+        # Like Telegram, the path keeps only the extension of the user's file name.
+        suffix = PurePosixPath(name).suffix if name.isprintable() else ""
+        stored = _StoredFile(file_id, f"u{file_id}", f"{folder}/file_{file_id}{suffix}", data)
         self._state.files[file_id] = stored
         self._state.files_by_path[stored.file_path] = stored
         return file_id
