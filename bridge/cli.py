@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import mimetypes
 import sys
 from collections.abc import Sequence
@@ -66,11 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bridge import app
-    from bridge.config import load_settings
+    from bridge.config import load_settings, secure_env_file
     from bridge.logs import setup_logging
 
     settings = load_settings()
     setup_logging(settings.core.log_level, settings.secrets())
+    if secure_env_file():
+        logging.getLogger("bridge").warning(".env was readable by others; it is now owner-only")
     asyncio.run(app.run(settings))
     return EXIT_OK
 

@@ -195,6 +195,18 @@ def _describe(exc: ValidationError, prefix: str) -> str:
     return "; ".join(lines)
 
 
+def secure_env_file(path: Path = Path(ENV_FILE)) -> bool:
+    """Make .env owner-only (it holds the passwords); True if its mode had to change."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return False
+    if mode & 0o077 == 0:
+        return False
+    path.chmod(mode & 0o700)
+    return True
+
+
 def load_core() -> CoreSettings:
     """Database and logging settings."""
     return _build(CoreSettings, "BRIDGE_")

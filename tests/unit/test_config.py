@@ -116,3 +116,15 @@ def test_secrets_are_masked_in_repr(env: pytest.MonkeyPatch) -> None:
     assert "imap-secret" not in shown
     assert "ABC-def_ghi" not in shown
     assert set(s.secrets()) == {"123456:ABC-def_ghi", "imap-secret"}
+
+
+def test_env_file_is_made_owner_only(tmp_path) -> None:
+    from bridge.config import secure_env_file
+
+    env_file = tmp_path / ".env"
+    assert secure_env_file(env_file) is False  # absent: nothing to do
+    env_file.write_text("BRIDGE_IMAP__PASSWORD=x\n")
+    env_file.chmod(0o644)
+    assert secure_env_file(env_file) is True
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    assert secure_env_file(env_file) is False
