@@ -21,7 +21,7 @@ from bridge.config import Settings
 from bridge.db import store
 from bridge.db.engine import Database
 from bridge.errors import DatabaseError, MailError, PermanentMailError
-from bridge.mail.imap import FetchedMail, ImapSession
+from bridge.mail.imap import FETCH_BATCH, FetchedMail, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
 from bridge.mail.summary import render_digest, render_summary, render_unparseable
 
@@ -125,11 +125,11 @@ class Watcher:
         self.checked = checked or asyncio.Event()  # set after every check (tests, benchmarks)
         self.chat_locks = chat_locks if chat_locks is not None else ChatLocks()
         self._last_post: dict[int, float] = {}
+        self._outage = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until stop is set; connection errors never end the loop."""
         backoff = Backoff()
-        outage_since: datetime | None = None
         while not stop.is_set():
             session = ImapSession(self.settings.imap)
             try:
@@ -139,8 +139,8 @@ class Watcher:
             except (MailError, DatabaseError, OperationalError) as exc:
                 self.status.state, self.status.errors = "disconnected", self.status.errors + 1
                 self.status.last_error = str(exc)
-                if outage_since is None:
-                    outage_since = datetime.now(UTC)
+                if not self._outage:  # logged once per outage, not once per retry
+                    self._outage = True
                     level = (
                         logging.ERROR if isinstance(exc, PermanentMailError) else logging.WARNING
                     )
@@ -148,13 +148,12 @@ class Watcher:
                 await wait_or_stop(stop, backoff.next())
             finally:
                 await session.close()
-            if outage_since is not None and self.status.state not in ("disconnected",):
-                outage_since = None
         self.status.state = "stopped"
 
     async def _watch(self, session: ImapSession, stop: asyncio.Event, backoff: Backoff) -> None:
         folder = await session.connect()
-        if backoff.attempt:
+        if self._outage:
+            self._outage = False
             logger.info("IMAP connection restored")
         backoff.reset()
         self.status.mode = "IDLE" if session.can_idle else "polling"
@@ -199,14 +198,14 @@ class Watcher:
         if len(uids) >= self.settings.telegram.digest_threshold:
             last = await self._post_digest(session, mailbox, uids, stop)
             uids = []
-        for start in range(0, len(uids), 25):
-            for fetched in await session.fetch(uids[start : start + 25]):
+        for start in range(0, len(uids), FETCH_BATCH):
+            batch = uids[start : start + FETCH_BATCH]
+            for fetched in await session.fetch(batch):
                 if stop.is_set():
                     raise Stopped
                 await self._post(mailbox, fetched, stop)
-                last = fetched.uid
-            # Expunged between search and fetch: nothing to post, but not to be asked again.
-            last = max(last, uids[min(start + 25, len(uids)) - 1])
+            # A UID expunged between SEARCH and FETCH has nothing to post; don't ask again.
+            last = batch[-1]
             await self.db.persist(store.advance, mailbox.id, last)
         self.status.last_uid = max(self.status.last_uid, last)
         self.checked.set()
