@@ -123,6 +123,9 @@ class ImapSession:
         )
         try:
             client.login(s.username, s.password.get_secret_value())
+            # Cache the capabilities here, in the worker thread (from the LOGIN answer, before
+            # SELECT discards it): can_idle is read on the event loop and must not do I/O.
+            client.capabilities()
             self._client = client
             return self._select()
         except Exception:
@@ -230,14 +233,20 @@ class ImapSession:
             return True
         if not responses and time.monotonic() - started < IDLE_SLICE / 10 < deadline - started:
             # Readable but nothing parsed: imapclient swallows EOF; prove the link is alive.
-            self._end_idle()
-            client.noop()
+            # Or only part of a TLS record had arrived: the rest, maybe "* 5 EXISTS", comes with
+            # the answer to DONE and is reported nowhere else.
+            ended = self._end_idle()
+            _text, more = client.noop()
+            return any(_is_change(r) for r in [*ended, *more])
         return False
 
-    def _end_idle(self) -> None:
-        if self._idling:
-            self._idling = False
-            self.client.idle_done()
+    def _end_idle(self) -> list[Any]:
+        """Leave IDLE; the untagged responses that came before the server's OK."""
+        if not self._idling:
+            return []
+        self._idling = False
+        _text, responses = self.client.idle_done()
+        return list(responses)
 
     async def idle_wait(self, stop: asyncio.Event, renew_after: float = IDLE_RENEW) -> bool:
         """Wait in IDLE until the server reports a change (True) or stop/renewal time (False)."""

@@ -1,7 +1,5 @@
 """compose.py: addresses, reply subject/references, header safety and what a reader decodes."""
 
-# ruff: noqa: RUF001  # the texts are real-world scripts; their look-alike characters are the point
-
 from __future__ import annotations
 
 import email
