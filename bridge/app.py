@@ -72,6 +72,9 @@ async def serve(
     deps.outbox = outbox = Outbox(settings, db, application.bot)
     if not await _initialize(application, stop):
         return
+    # PTB calls post_init only from run_polling(); we start the parts ourselves.
+    if application.post_init is not None:
+        await application.post_init(application)
     try:
         await application.start()
         updater = application.updater

@@ -127,7 +127,10 @@ class ImapSession:
             # SELECT discards it): can_idle is read on the event loop and must not do I/O.
             client.capabilities()
             self._client = client
-            return self._select()
+            try:
+                return self._select()
+            except IMAPClientError as exc:
+                raise PermanentMailError(f"cannot open folder {s.mailbox}: {_text(exc)}") from exc
         except Exception:
             self._client = None
             _shutdown(client)
@@ -178,14 +181,11 @@ class ImapSession:
                 if item is None:  # expunged meanwhile
                     continue
                 raw = _fetch_key(item, b"BODY[]") or b""
-                result.append(
-                    FetchedMail(
-                        uid=uid,
-                        raw=raw,
-                        structure=item.get(b"BODYSTRUCTURE"),
-                        size=int(item.get(b"RFC822.SIZE", len(raw))),
-                    )
-                )
+                size = int(item.get(b"RFC822.SIZE", len(raw)))
+                # The structure is needed only when the bytes were cut; whole bytes give exact
+                # attachment sizes.
+                structure = item.get(b"BODYSTRUCTURE") if len(raw) < size else None
+                result.append(FetchedMail(uid=uid, raw=raw, structure=structure, size=size))
         return result
 
     async def fetch(self, uids: list[int]) -> list[FetchedMail]:

@@ -1,0 +1,515 @@
+"""The real console script as a subprocess (`python -m bridge`), configured by BRIDGE_* only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import OWNER
+
+SAMPLES = Path(__file__).parent.parent / "mails"
+COMMAND = [sys.executable, "-m", "bridge"]
+TIMEOUT = 30.0  # bound for a command that should finish by itself
+
+
+def mail(subject: str, n: int) -> bytes:
+    """A small UTF-8 mail."""
+    msg = EmailMessage()
+    msg["From"] = "Ann <ann@example.org>"
+    msg["To"] = "me@example.org"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<cli-{n}@example.org>"
+    msg.set_content(f"Body {n}.")
+    return bytes(msg)
+
+
+def make_env(
+    *, dovecot=None, user=None, ca=None, botapi=None, smtpd=None, **extra: str | None
+) -> dict[str, str]:
+    """The process environment: the test's, minus any BRIDGE_*, plus settings for the servers.
+
+    `extra` overrides (a value of None removes the variable).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BRIDGE_")}
+    if botapi is not None:
+        env["BRIDGE_TELEGRAM__TOKEN"] = botapi.token
+        env["BRIDGE_TELEGRAM__API_URL"] = botapi.url
+    else:
+        env["BRIDGE_TELEGRAM__TOKEN"] = "1:unused"
+        env["BRIDGE_TELEGRAM__API_URL"] = "http://127.0.0.1:1"
+    env["BRIDGE_TELEGRAM__ALLOWED_USER_IDS"] = f"[{OWNER}]"
+    if dovecot is not None:
+        env["BRIDGE_IMAP__HOST"] = "127.0.0.1"
+        env["BRIDGE_IMAP__PORT"] = str(dovecot.port)
+        env["BRIDGE_IMAP__POLL_INTERVAL"] = "0.5"
+    if user is not None:
+        env["BRIDGE_IMAP__USERNAME"] = user.name
+        env["BRIDGE_IMAP__PASSWORD"] = user.password
+    if ca is not None:
+        env["BRIDGE_IMAP__CA_FILE"] = str(ca.ca_file)
+        env["BRIDGE_SMTP__CA_FILE"] = str(ca.ca_file)
+    env["BRIDGE_SMTP__HOST"] = "127.0.0.1"
+    env["BRIDGE_SMTP__PORT"] = "1"
+    if smtpd is not None:
+        env["BRIDGE_SMTP__PORT"] = str(smtpd.port)
+        env["BRIDGE_SMTP__USERNAME"] = smtpd.username
+        env["BRIDGE_SMTP__PASSWORD"] = smtpd.password
+        env["BRIDGE_SMTP__SECURITY"] = smtpd.tls
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def cli(
+    *args: str, env: dict[str, str], cwd: Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `mailbridge ARGS` to completion (bounded) for commands that need no Bot API."""
+    return subprocess.run(
+        [*COMMAND, *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+async def acli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    """Run `mailbridge ARGS` without blocking this loop (the fake Bot API lives in it)."""
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
+
+
+def one_line_error(stderr: str) -> str:
+    """The message of a failed command: exactly one line besides DEBUG/INFO log lines, no
+    traceback (at the default log level `migrate` and `run` log what Alembic does)."""
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.strip().splitlines() if not LOG_LINE.match(line)]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("mailbridge: "), stderr
+    return lines[0]
+
+
+class Service:
+    """A `mailbridge run` subprocess whose stderr is collected line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            async with self._changed:
+                self.lines.append(raw.decode(errors="replace"))
+                self._changed.notify_all()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for_line(self, needle: str, timeout: float = 20.0) -> None:
+        """Wait (bounded) until a stderr line contains `needle`."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(
+                    lambda: any(needle in line for line in self.lines) or self._reader.done()
+                )
+        except TimeoutError:
+            raise TimeoutError(
+                f"{needle!r} not logged within {timeout} s:\n{self.stderr}"
+            ) from None
+        assert any(needle in line for line in self.lines), self.stderr
+
+    async def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait (bounded) for the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait_for(self._reader, 5)
+        return code
+
+
+@contextlib.asynccontextmanager
+async def service(env: dict[str, str], cwd: Path) -> AsyncIterator[Service]:
+    """`mailbridge run` for the duration of the block (killed if the block fails)."""
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "run",
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    svc = Service(proc)
+    try:
+        yield svc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        svc._reader.cancel()
+
+
+async def next_text(botapi, timeout: float = 20.0) -> str:
+    call = await botapi.next_call("sendMessage", timeout=timeout, ok_only=True)
+    return str(call.params["text"])
+
+
+def posted(botapi) -> list[str]:
+    return [str(c.params["text"]) for c in botapi.calls("sendMessage", ok_only=True)]
+
+
+# run
+
+
+async def test_run_posts_mail_and_stops_cleanly_on_sigterm(
+    tmp_path, dovecot, mail_user, ca, botapi
+) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca, botapi=botapi, BRIDGE_LOG_LEVEL="DEBUG")
+    async with service(env, tmp_path) as svc:
+        await svc.wait_for_line("first contact with INBOX")
+        dovecot.append(mail_user.name, mail_user.password, mail("Via the CLI", 1))
+        assert "Via the CLI" in await next_text(botapi)
+        assert await svc.terminate() == 0
+    assert "Traceback" not in svc.stderr
+    for secret in (botapi.token, mail_user.password):
+        assert secret not in svc.stderr
+    database = tmp_path / "data" / "bridge.db"
+    assert database.is_file()
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+
+
+async def test_run_twice_on_one_database_posts_nothing_twice(
+    tmp_path, dovecot, mail_user, ca, botapi
+) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca, botapi=botapi)
+    async with service(env, tmp_path) as svc:
+        await svc.wait_for_line("first contact with INBOX")
+        dovecot.append(mail_user.name, mail_user.password, mail("First run", 1))
+        assert "First run" in await next_text(botapi)
+        assert await svc.terminate() == 0
+    dovecot.append(mail_user.name, mail_user.password, mail("While stopped", 2))
+    async with service(env, tmp_path) as svc:
+        assert "While stopped" in await next_text(botapi)
+        await svc.wait_for_line("mailbridge running")
+        dovecot.append(mail_user.name, mail_user.password, mail("Second run", 3))
+        assert "Second run" in await next_text(botapi)
+        assert await svc.terminate() == 0
+    texts = posted(botapi)
+    for subject in ("First run", "While stopped", "Second run"):
+        assert sum(subject in t for t in texts) == 1, subject
+
+
+# migrate
+
+
+def test_migrate_prints_revision_and_is_idempotent(tmp_path) -> None:
+    env = make_env()
+    first = cli("migrate", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "database at revision" in first.stdout
+    revision = first.stdout.split("database at revision", 1)[1].strip()
+    assert revision
+    database = tmp_path / "data" / "bridge.db"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        schema = db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    second = cli("migrate", env=env, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(revision,)]
+
+
+def test_unknown_revision_refuses_migrate_and_run(tmp_path, dovecot, mail_user, ca) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca)
+    assert cli("migrate", env=env, cwd=tmp_path).returncode == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "bridge.db")) as db:
+        db.execute("UPDATE alembic_version SET version_num='9999'")
+        db.commit()
+    for command in ("migrate", "run"):
+        result = cli(command, env=env, cwd=tmp_path)
+        assert result.returncode == 1, (command, result.stderr)
+        line = one_line_error(result.stderr)
+        assert "9999" in line
+        assert "downgrading is not supported" in line
+
+
+# configuration and usage errors
+
+
+def test_missing_imap_host_is_a_configuration_error(tmp_path, dovecot, mail_user, ca) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca, BRIDGE_IMAP__HOST=None)
+    result = cli("run", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "BRIDGE_IMAP__HOST" in one_line_error(result.stderr)
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_imap_port_is_a_configuration_error(tmp_path, dovecot, mail_user, ca) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca, BRIDGE_IMAP__PORT="abc")
+    result = cli("run", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "BRIDGE_IMAP__PORT" in one_line_error(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["frobnicate"], "frobnicate"), (["send", "--subject", "Hi", "--body", "x"], "--to")],
+)
+def test_usage_errors_exit_2(tmp_path, args, needle) -> None:
+    result = cli(*args, env=make_env(), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert needle in result.stderr.strip().splitlines()[-1]
+
+
+# check
+
+
+async def test_check_all_good(tmp_path, dovecot, mail_user, ca, botapi, smtpd) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca, botapi=botapi, smtpd=smtpd)
+    code, out, err = await acli("check", env=env, cwd=tmp_path)
+    assert code == 0, out + err
+    lines = out.strip().splitlines()
+    for name in ("IMAP", "SMTP", "Telegram"):
+        mine = [line for line in lines if f" {name} " in line]
+        assert len(mine) == 1, (name, out)
+        assert mine[0].startswith("ok"), mine[0]
+    assert not any(line.startswith("FAIL") for line in lines)
+    for secret in (botapi.token, mail_user.password, smtpd.password):
+        assert secret not in out + err
+
+
+async def test_check_without_the_private_ca_fails_certificate_verification(
+    tmp_path, dovecot, mail_user, ca, botapi, smtpd
+) -> None:
+    env = make_env(
+        dovecot=dovecot,
+        user=mail_user,
+        ca=ca,
+        botapi=botapi,
+        smtpd=smtpd,
+        BRIDGE_IMAP__CA_FILE=None,  # the system store does not know the test CA
+    )
+    code, out, _ = await acli("check", env=env, cwd=tmp_path)
+    assert code == 1
+    (imap,) = [line for line in out.splitlines() if " IMAP " in line]
+    assert imap.startswith("FAIL")
+    assert "certificate" in imap.lower()
+    (smtp,) = [line for line in out.splitlines() if " SMTP " in line]
+    assert smtp.startswith("ok")
+
+
+# export
+
+
+def test_export_json_newest_first_decoded_and_read_only(tmp_path, dovecot, mail_user, ca) -> None:
+    names = [
+        "subject-gb18030-multiword.eml",
+        "attachment-rfc2231-filename.eml",
+        "body-iso-2022-jp.eml",
+    ]
+    uids = [
+        dovecot.append(mail_user.name, mail_user.password, (SAMPLES / name).read_bytes())
+        for name in names
+    ]
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca)
+
+    result = cli("export", "--json", "out.json", "--limit", "2", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    items = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert isinstance(items, list)
+    assert [item["uid"] for item in items] == [uids[2], uids[1]]
+    keys = {"uid", "message_id", "date", "from", "to", "subject", "text", "attachments"}
+    for item in items:
+        assert set(item) == keys
+        assert item["date"] == "2026-11-27T09:15:00+01:00"
+        assert item["from"] == "Alice Example <alice@example.org>"
+        assert "bob@example.net" in json.dumps(item["to"])
+    japanese, report = items
+    assert japanese["subject"] == "日本語のテスト"
+    assert japanese["text"] == "こんにちは、日本語のテストです。"
+    assert japanese["attachments"] == []
+    assert report["subject"] == "Report"
+    assert report["text"] == "See attached."
+    assert [(a["filename"], a["content_type"]) for a in report["attachments"]] == [
+        ("报告— Q3.pdf", "application/pdf"),
+        ("Grüße.txt", "text/plain"),
+    ]
+    # The whole message was fetched, so the sizes are exact.
+    assert [a["size"] for a in report["attachments"]] == [130, 5]
+
+    result = cli("export", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    everything = json.loads(result.stdout)
+    assert [item["uid"] for item in everything] == uids[::-1]
+    assert everything[2]["subject"] == "会议纪要：朱镕基𠮷€"
+    assert everything[2]["text"] == "下周一开会，请朱镕基𠮷准时参加。"
+    assert everything[:2] == items
+
+    result = cli("export", "--mailbox", "NoSuchFolder", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "NoSuchFolder" in one_line_error(result.stderr)
+    assert result.stdout == ""
+
+    for uid in uids:
+        assert b"\\Seen" not in dovecot.flags(mail_user.name, mail_user.password, uid)
+
+
+def test_export_attachment_size_is_the_decoded_size(tmp_path, dovecot, mail_user, ca) -> None:
+    raw = (SAMPLES / "attachment-rfc2231-filename.eml").read_bytes()
+    dovecot.append(mail_user.name, mail_user.password, raw)
+    result = cli("export", env=make_env(dovecot=dovecot, user=mail_user, ca=ca), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (item,) = json.loads(result.stdout)
+    assert [a["size"] for a in item["attachments"]] == [130, 5]
+
+
+# send
+
+
+def test_send_round_trips_recipients_subject_body_and_attachment(tmp_path, ca, smtpd) -> None:
+    attachment = tmp_path / "Bericht Grüße.pdf"
+    data = bytes(range(256)) * 40
+    attachment.write_bytes(data)
+    body = "Hallo zusammen,\n\nGrüße aus Berlin — 你好！\nZeile drei.\n"
+    result = cli(
+        "send",
+        "--to",
+        "a@x.org",
+        "--to",
+        "b@y.org",
+        "--cc",
+        "c@z.org",
+        "--bcc",
+        "d@w.org",
+        "--subject",
+        "Grüße 你好",
+        "--body-file",
+        "-",
+        "--attach",
+        str(attachment),
+        env=make_env(ca=ca, smtpd=smtpd),
+        cwd=tmp_path,
+        stdin=body,
+    )
+    assert result.returncode == 0, result.stderr
+    received = smtpd.wait_message(5)
+    assert sorted(received.rcpt_tos) == ["a@x.org", "b@y.org", "c@z.org", "d@w.org"]
+    assert received.login == smtpd.username
+    message = received.message()
+    assert message["Subject"] == "Grüße 你好"
+    assert "Bcc" not in message
+    assert b"d@w.org" not in received.data
+    text = message.get_body(("plain",))
+    assert text is not None
+    assert text.get_content().replace("\r\n", "\n") == body  # SMTP DATA lines end in CRLF
+    (part,) = list(message.iter_attachments())
+    assert part.get_filename() == "Bericht Grüße.pdf"
+    assert part.get_content_type() == "application/pdf"
+    assert part.get_content() == data
+    assert smtpd.password not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "names"),
+    [
+        (["--to", "not an address"], {}, ["--to", "not an address"]),
+        (["--to", "a@x.org", "--bcc", "b@@y.org"], {}, ["--bcc", "b@@y.org"]),
+        (
+            ["--to", "a@x.org"],
+            {"BRIDGE_SMTP__FROM_ADDRESS": "nobody"},
+            ["BRIDGE_SMTP__FROM_ADDRESS", "nobody"],
+        ),
+    ],
+)
+def test_send_invalid_address_is_a_usage_error(tmp_path, ca, smtpd, args, extra, names) -> None:
+    env = make_env(ca=ca, smtpd=smtpd, **extra)
+    result = cli("send", *args, "--subject", "Hi", "--body", "x", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line_error(result.stderr)
+    for name in names:
+        assert name in line
+    assert smtpd.received == []
+
+
+def test_send_with_the_smtp_server_down_fails(tmp_path, ca, smtpd) -> None:
+    smtpd.stop()
+    result = cli(
+        "send",
+        "--to",
+        "a@x.org",
+        "--subject",
+        "Hi",
+        "--body",
+        "x",
+        env=make_env(ca=ca, smtpd=smtpd),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    one_line_error(result.stderr)
+
+
+# Last: a failed login makes Dovecot slow down later logins from this address (its penalty is
+# switched off for the test server, but keep these at the end anyway).
+
+
+async def test_check_wrong_imap_password_fails_imap_only(
+    tmp_path, dovecot, mail_user, ca, botapi, smtpd
+) -> None:
+    env = make_env(
+        dovecot=dovecot,
+        user=mail_user,
+        ca=ca,
+        botapi=botapi,
+        smtpd=smtpd,
+        BRIDGE_IMAP__PASSWORD="wrong-" + mail_user.password,
+    )
+    code, out, err = await acli("check", env=env, cwd=tmp_path)
+    assert code == 1
+    lines = out.strip().splitlines()
+    (imap,) = [line for line in lines if " IMAP " in line]
+    assert imap.startswith("FAIL")
+    assert [line[:2] for line in lines if " SMTP " in line or " Telegram " in line] == [
+        "ok",
+        "ok",
+    ]
+    assert mail_user.password not in out + err
