@@ -1,7 +1,5 @@
 """smtp.py against a real aiosmtpd server on loopback: TLS modes, AUTH, and error mapping."""
 
-# ruff: noqa: RUF001  # real-world scripts in the test texts
-
 from __future__ import annotations
 
 from pathlib import Path
