@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from email.message import EmailMessage
 from email.utils import getaddresses
 from typing import TypeVar
@@ -34,21 +35,10 @@ async def send(message: EmailMessage, recipients: Sequence[str], settings: SmtpS
     if not recipients:
         raise PermanentMailError("the mail has no recipient")
     sender = _bare_address(settings.sender)
-    smtp = _client(settings)
-    try:
-        await smtp.connect()
-        await smtp.login(*settings.login)
+    async with _session(settings) as (smtp, _greeting):
         refused, answer = await smtp.send_message(
             message, sender=sender, recipients=list(recipients)
         )
-    except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
-        await _close(smtp)
-        raise _translate(exc, settings) from None
-    except BaseException:  # cancelled (shutdown): drop the connection, keep the cause
-        smtp.close()
-        raise
-    # The server has taken the mail: a failing QUIT must not make the caller send it again.
-    await _quit(smtp)
     # RFC 5321 §4.2.2: the message was accepted only after DATA was answered with 250.
     result = _one_line(f"250 {answer}", settings)
     if refused:
@@ -68,18 +58,29 @@ async def send(message: EmailMessage, recipients: Sequence[str], settings: SmtpS
 
 async def check_login(settings: SmtpSettings) -> str:
     """Connect, log in and quit (for `mailbridge check`); return the server's greeting line."""
+    async with _session(settings) as (_smtp, greeting):
+        pass
+    return _one_line(f"{greeting.code} {greeting.message}", settings)
+
+
+@contextlib.asynccontextmanager
+async def _session(
+    settings: SmtpSettings,
+) -> AsyncIterator[tuple[aiosmtplib.SMTP, aiosmtplib.SMTPResponse]]:
+    """A connected, logged-in client; library errors leave as Temporary/PermanentMailError."""
     smtp = _client(settings)
     try:
         greeting = await smtp.connect()
         await smtp.login(*settings.login)
+        yield smtp, greeting
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
         await _close(smtp)
         raise _translate(exc, settings) from None
     except BaseException:  # cancelled (shutdown): drop the connection, keep the cause
         smtp.close()
         raise
+    # After a mail was taken, a failing QUIT must not make the caller send it again.
     await _quit(smtp)
-    return _one_line(f"{greeting.code} {greeting.message}", settings)
 
 
 def _client(settings: SmtpSettings) -> aiosmtplib.SMTP:
