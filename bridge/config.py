@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -14,6 +15,7 @@ from bridge.errors import ConfigError
 
 ENV_FILE = ".env"
 _S = TypeVar("_S", bound=BaseSettings)
+_T = TypeVar("_T")
 
 
 def _config(prefix: str) -> SettingsConfigDict:
@@ -240,7 +242,21 @@ def load_smtp(imap: ImapSettings | None = None) -> SmtpSettings:
 
 def load_settings() -> Settings:
     """All settings; raises ConfigError naming the first bad variables."""
-    core = load_core()
-    telegram = _build(TelegramSettings, "BRIDGE_TELEGRAM__")
-    imap = load_imap()
-    return Settings(core=core, telegram=telegram, imap=imap, smtp=load_smtp(imap))
+    errors: list[str] = []
+
+    def attempt(build: Callable[[], _T]) -> _T | None:
+        try:
+            return build()
+        except ConfigError as exc:
+            errors.append(str(exc))
+            return None
+
+    core = attempt(load_core)
+    telegram = attempt(lambda: _build(TelegramSettings, "BRIDGE_TELEGRAM__"))
+    imap = attempt(load_imap)
+    smtp = attempt(lambda: load_smtp(imap)) if imap is not None else None
+    if imap is None:
+        attempt(lambda: _build(SmtpSettings, "BRIDGE_SMTP__"))  # report its errors too
+    if core is None or telegram is None or imap is None or smtp is None:
+        raise ConfigError("; ".join(errors))
+    return Settings(core=core, telegram=telegram, imap=imap, smtp=smtp)

@@ -128,3 +128,13 @@ def test_env_file_is_made_owner_only(tmp_path) -> None:
     assert secure_env_file(env_file) is True
     assert env_file.stat().st_mode & 0o777 == 0o600
     assert secure_env_file(env_file) is False
+
+
+def test_every_missing_variable_is_named_at_once(env: pytest.MonkeyPatch) -> None:
+    for name in BASE:
+        env.delenv(name)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    for name in BASE:
+        if "PASSWORD" in name or "USERNAME" in name or "HOST" in name or "TOKEN" in name:
+            assert f"{name}: required" in str(info.value)
