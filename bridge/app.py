@@ -8,7 +8,6 @@ import logging
 import signal
 from typing import Any
 
-from telegram import Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application
 
@@ -19,6 +18,7 @@ from bridge.db.migrate import upgrade_to_head
 from bridge.errors import BridgeError
 from bridge.logs import mask_secrets
 from bridge.mail_to_chat import Backoff, ChatLocks, Watcher, WatchStatus, wait_or_stop
+from bridge.telegram import polling
 from bridge.telegram.bot import build_application
 from bridge.telegram.deps import Deps
 
@@ -77,18 +77,13 @@ async def serve(
         await application.post_init(application)
     try:
         await application.start()
-        updater = application.updater
-        if updater is None:
-            raise BridgeError("the Telegram application has no updater")
-        # Never drop pending updates: commands sent while the bridge was down still count.
-        await updater.start_polling(allowed_updates=Update.ALL_TYPES, drop_pending_updates=False)
         logger.info("mailbridge running: watching %s", settings.imap.mailbox)
         async with asyncio.TaskGroup() as group:
+            group.create_task(polling.poll(application, stop))
             group.create_task(watcher.run(stop))
             group.create_task(outbox.work(stop))
             await stop.wait()
         logger.info("stopping")
-        await updater.stop()
         await application.stop()
     finally:
         await application.shutdown()

@@ -135,8 +135,13 @@ class Outbox:
     async def _attempt(self, item: store.OutgoingRecord) -> None:
         message = email.message_from_bytes(item.raw, _class=EmailMessage, policy=email.policy.SMTP)
         assert isinstance(message, EmailMessage)  # noqa: S101 - _class guarantees it
+
+        async def record_sent(answer: str) -> None:
+            # The mail is gone: this write must land, or a restart would send it again.
+            await self.db.persist(store.mark_outbox, item.id, "sent", error=answer)
+
         try:
-            answer = await smtp.send(message, list(item.recipients), self.settings.smtp)
+            await smtp.send(message, list(item.recipients), self.settings.smtp, record_sent)
         except TemporaryMailError as exc:
             await self._retry_or_fail(item, str(exc))
             return
@@ -145,8 +150,6 @@ class Outbox:
             logger.warning("outbox item %d failed: %s", item.id, exc)
             await self._tell(item, f"❌ Not sent: {exc}")
             return
-        # The mail is gone: this write must land, or a restart would send it again.
-        await self.db.persist(store.mark_outbox, item.id, "sent", error=answer)
         logger.info("outbox item %d sent", item.id)
         await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}")
         if self.settings.imap.save_sent:

@@ -6,16 +6,14 @@ import asyncio
 import logging
 import random
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import OperationalError
 from telegram import Bot, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
-from telegram.warnings import PTBDeprecationWarning
 
 from bridge.config import Settings
 from bridge.db import store
@@ -24,6 +22,7 @@ from bridge.errors import DatabaseError, MailError, PermanentMailError
 from bridge.mail.imap import FETCH_BATCH, FetchedMail, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
 from bridge.mail.summary import render_digest, render_summary, render_unparseable
+from bridge.telegram.polling import retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -305,11 +304,3 @@ class Watcher:
                 logger.warning("Telegram unavailable (%s); retrying in %.1f s", reason, delay)
             if await wait_or_stop(stop, delay):
                 raise Stopped
-
-
-def retry_delay(exc: RetryAfter) -> float:
-    """Seconds Telegram asked us to wait (an int today, a timedelta in a future PTB)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PTBDeprecationWarning)
-        value = exc.retry_after
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from email.message import EmailMessage
 from email.utils import getaddresses
 from typing import TypeVar
@@ -23,12 +23,19 @@ _CLOSE_WAIT = 2.0
 _E = TypeVar("_E", bound=BaseException)
 
 
-async def send(message: EmailMessage, recipients: Sequence[str], settings: SmtpSettings) -> str:
+async def send(
+    message: EmailMessage,
+    recipients: Sequence[str],
+    settings: SmtpSettings,
+    accepted: Callable[[str], Awaitable[None]] | None = None,
+) -> str:
     """Send `message` to exactly `recipients` (the envelope); return the server's answer line.
 
     The Bcc header is never transmitted; `recipients` is the whole RCPT TO list. When the
     server refuses some recipients but accepts others, the mail has been delivered, so this
     returns normally and the answer line ends with `; refused: addr (550 ...)` for them.
+    `accepted(answer)` runs as soon as the server took the mail, before QUIT: the caller records
+    the fact with the shortest possible window for a crash to make it send the mail again.
     Raises TemporaryMailError (connection, timeout, 4xx) or PermanentMailError (5xx, login
     refused, every recipient refused, certificate not trusted).
     """
@@ -39,13 +46,15 @@ async def send(message: EmailMessage, recipients: Sequence[str], settings: SmtpS
         refused, answer = await smtp.send_message(
             message, sender=sender, recipients=list(recipients)
         )
-    # RFC 5321 §4.2.2: the message was accepted only after DATA was answered with 250.
-    result = _one_line(f"250 {answer}", settings)
-    if refused:
-        result += "; refused: " + ", ".join(
-            _one_line(f"{addr} ({response.code} {response.message})", settings)
-            for addr, response in refused.items()
-        )
+        # RFC 5321 §4.2.2: the message was accepted only after DATA was answered with 250.
+        result = _one_line(f"250 {answer}", settings)
+        if refused:
+            result += "; refused: " + ", ".join(
+                _one_line(f"{addr} ({response.code} {response.message})", settings)
+                for addr, response in refused.items()
+            )
+        if accepted is not None:
+            await accepted(result)
     logger.info(
         "sent %s to %d of %d recipients: %s",
         message.get("Message-ID", "(no Message-ID)"),

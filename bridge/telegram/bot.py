@@ -103,6 +103,7 @@ def build_application(
         .base_file_url(f"{api}/file/bot")
         .rate_limiter(AIORateLimiter(max_retries=3))
         .post_init(set_commands)
+        .updater(None)  # polling.py confirms updates only after handling them
         .build()
     )
     gate = Gate(settings.telegram.allowed_user_ids)

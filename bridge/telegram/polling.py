@@ -1,0 +1,79 @@
+"""getUpdates long polling that confirms an update only after it was handled.
+
+PTB's Updater confirms updates to Telegram (the next getUpdates offset) as soon as it has
+fetched them, before any handler ran: a crash in between loses the update, and with it a /send.
+Here the offset moves past an update only after Application.process_update() returned, so a
+crash means Telegram delivers it again (the outbox refuses a chat message twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from datetime import timedelta
+from typing import Any
+
+from telegram import Update
+from telegram.error import Conflict, InvalidToken, RetryAfter, TelegramError
+from telegram.ext import Application
+from telegram.warnings import PTBDeprecationWarning
+
+logger = logging.getLogger(__name__)
+
+LONG_POLL = 10  # seconds Telegram may hold a getUpdates open
+MAX_BACKOFF = 30.0
+
+
+async def poll(
+    application: Application[Any, Any, Any, Any, Any, Any], stop: asyncio.Event
+) -> None:
+    """Fetch, handle, then confirm updates until stop is set."""
+    bot = application.bot
+    await bot.delete_webhook(drop_pending_updates=False)  # never drop pending updates
+    offset: int | None = None
+    delay = 0.0
+    while not stop.is_set():
+        if delay:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+                return
+            except TimeoutError:
+                pass
+        fetch = asyncio.ensure_future(
+            bot.get_updates(offset=offset, timeout=LONG_POLL, allowed_updates=Update.ALL_TYPES)
+        )
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not fetch.done():
+            fetch.cancel()  # nothing fetched is lost: unconfirmed updates come again
+            return
+        try:
+            updates = fetch.result()
+        except InvalidToken:
+            raise
+        except RetryAfter as exc:
+            delay = retry_delay(exc)
+            continue
+        except Conflict as exc:
+            logger.error("another program polls this bot (%s); retrying", exc.message)
+            delay = MAX_BACKOFF
+            continue
+        except TelegramError as exc:
+            if not delay:
+                logger.warning("getUpdates failed (%s); retrying", str(exc).splitlines()[0][:100])
+            delay = min(MAX_BACKOFF, max(1.0, delay * 2))
+            continue
+        delay = 0.0
+        for update in updates:
+            await application.process_update(update)
+            offset = update.update_id + 1  # confirmed by the next getUpdates
+
+
+def retry_delay(exc: RetryAfter) -> float:
+    """Seconds Telegram asked us to wait (an int today, a timedelta in a future PTB)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = exc.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
