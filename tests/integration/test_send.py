@@ -245,3 +245,19 @@ async def test_copy_saved_to_sent_folder(settings_for, botapi, smtpd, dovecot, m
             await asyncio.sleep(0.1)
         else:
             pytest.fail("no copy in Sent")
+
+
+async def test_file_over_telegrams_download_limit_is_explained(send_settings, botapi, smtpd):
+    big = b"\0" * (20 * 1024 * 1024 + 1)  # Bot API getFile: at most 20 MB
+    async with running(send_settings()) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(
+            OWNER,
+            OWNER,
+            document=("backup.zip", big, "application/zip"),
+            caption="/send ann@example.org Backup\nHere it is.",
+        )
+        text = await answer(botapi)
+    assert "backup.zip" in text
+    assert "20 MB" in text
+    assert smtpd.received == []
