@@ -46,15 +46,9 @@ async def run(
     engine = make_engine(settings.core.database_url)
     try:
         await asyncio.to_thread(upgrade_to_head, engine)
-    except BaseException:
-        engine.dispose()
-        unmask()
-        raise
-    db = Database(engine)
-    if not settings.telegram.allowed_user_ids:
-        logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot will serve nobody")
-    try:
-        await serve(settings, db, stop, ready)
+        if not settings.telegram.allowed_user_ids:
+            logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot serves nobody")
+        await serve(settings, Database(engine), stop, ready)
     finally:
         engine.dispose()
         unmask()
@@ -74,7 +68,10 @@ async def serve(
         return
     # PTB calls post_init only from run_polling(); we start the parts ourselves.
     if application.post_init is not None:
-        await application.post_init(application)
+        try:
+            await application.post_init(application)
+        except TelegramError as exc:  # the command menu is a convenience, not a reason to stop
+            logger.warning("could not set the bot's command menu: %s", exc)
     try:
         await application.start()
         logger.info("mailbridge running: watching %s", settings.imap.mailbox)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import html
 import logging
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
 from sqlalchemy.exc import OperationalError
 from telegram import Bot
-from telegram.constants import ParseMode
 from telegram.error import TelegramError
 
 from bridge.config import Settings
@@ -38,7 +36,7 @@ class RateLimited(BridgeError):
 class Outbox:
     """Outgoing mail: written to the database first, sent by work(), reported to the chat."""
 
-    def __init__(self, settings: Settings, db: Database, bot: Bot | None) -> None:
+    def __init__(self, settings: Settings, db: Database, bot: Bot) -> None:
         self.settings = settings
         self.db = db
         self.bot = bot
@@ -173,9 +171,9 @@ class Outbox:
             await self._tell(item, f"⏳ Not sent yet ({error}); I will keep trying.")
 
     async def _tell(self, item: store.OutgoingRecord, text: str) -> None:
-        if self.bot is None or item.chat_id is None:
+        if item.chat_id is None:
             return
         try:
-            await self.bot.send_message(item.chat_id, html.escape(text), parse_mode=ParseMode.HTML)
+            await self.bot.send_message(item.chat_id, text)
         except TelegramError as exc:
             logger.warning("could not report outbox item %d to the chat: %s", item.id, exc)
