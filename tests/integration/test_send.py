@@ -261,3 +261,30 @@ async def test_file_over_telegrams_download_limit_is_explained(send_settings, bo
     assert "backup.zip" in text
     assert "20 MB" in text
     assert smtpd.received == []
+
+
+async def test_copy_goes_to_the_special_use_sent_folder(
+    settings_for, botapi, smtpd, dovecot, mail_user
+) -> None:
+    """With no folder configured, the copy goes to the folder the server marks \\Sent."""
+    client = dovecot.connect(mail_user.name, mail_user.password)
+    try:  # RFC 6154 CREATE-SPECIAL-USE, as a mail client would set the folder up
+        typ, _ = client._imap._simple_command("CREATE", '"Sent Items"', "(USE (\\Sent))")
+        assert typ == "OK"
+    finally:
+        client.logout()
+    async with running(settings_for(smtpd=smtpd)) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(OWNER, OWNER, "/send ann@example.org Filed\nbody")
+        await smtpd.next_message(timeout=20)
+        await answer_containing(botapi, "Sent to")
+        async with asyncio.timeout(10):  # the copy is appended after the chat is told
+            while True:
+                client = dovecot.connect(mail_user.name, mail_user.password)
+                try:
+                    client.select_folder("Sent Items", readonly=True)
+                    if client.search(["SUBJECT", "Filed"]):
+                        break
+                finally:
+                    client.logout()
+                await asyncio.sleep(0.1)
