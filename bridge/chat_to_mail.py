@@ -132,7 +132,6 @@ class Outbox:
 
     async def _attempt(self, item: store.OutgoingRecord) -> None:
         message = email.message_from_bytes(item.raw, _class=EmailMessage, policy=email.policy.SMTP)
-        assert isinstance(message, EmailMessage)  # noqa: S101 - _class guarantees it
 
         async def record_sent(answer: str) -> None:
             # The mail is gone: this write must land, or a restart would send it again.

@@ -146,7 +146,8 @@ async def send_entry(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
 async def recipients(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Dialogue step 1: the addresses."""
     message = update.effective_message
-    assert message is not None  # noqa: S101 - the filter guarantees a message
+    if message is None:
+        return ConversationHandler.END
     try:
         draft(context)["to"] = parse_addresses(text_of(message))
     except InvalidMail as exc:
@@ -159,7 +160,8 @@ async def recipients(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
 async def subject(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Dialogue step 2: the subject."""
     message = update.effective_message
-    assert message is not None  # noqa: S101
+    if message is None:
+        return ConversationHandler.END
     value = " ".join(text_of(message).split())
     if not value:
         await message.reply_text("The subject cannot be empty. Subject?", do_quote=False)
@@ -174,7 +176,8 @@ async def subject(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
 async def body(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Dialogue step 3: the text and attachments; then show the draft with Send/Cancel."""
     message = update.effective_message
-    assert message is not None  # noqa: S101
+    if message is None:
+        return ConversationHandler.END
     try:
         attachments = await attachments_of(message)
     except AttachmentError as exc:
@@ -203,20 +206,19 @@ async def body(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
 
 async def confirm(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Dialogue step 4: the Send or Cancel button."""
-    query = update.callback_query
-    assert query is not None  # noqa: S101
+    query, message = update.callback_query, update.effective_message
+    if query is None or message is None:
+        return ConversationHandler.END
     await query.answer()
     data = context.user_data.pop("draft", None) if context.user_data is not None else None
+    await query.edit_message_reply_markup(None)  # one press only
     if query.data != "send:yes" or not data:
-        await query.edit_message_reply_markup(None)
-        await context.bot.send_message(query.message.chat.id if query.message else 0, "Cancelled.")
+        await message.reply_text("Cancelled; nothing was sent.", do_quote=False)
         return ConversationHandler.END
-    await query.edit_message_reply_markup(None)
     mail = OutgoingMail(
         to=data["to"], subject=data["subject"], body=data["body"], attachments=data["attachments"]
     )
-    draft_id = query.message.message_id if query.message else 0
-    await submit(update, context, mail, draft_id)
+    await submit(update, context, mail, message.message_id)  # the draft message is the source
     return ConversationHandler.END
 
 
@@ -241,7 +243,8 @@ async def expired(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 def draft(context: ContextTypes.DEFAULT_TYPE) -> dict[str, Any]:
     """The dialogue's draft in user_data."""
-    assert context.user_data is not None  # noqa: S101 - per-user conversations
+    if context.user_data is None:  # only updates without a user lack it; the gate drops them
+        raise RuntimeError("the /send dialogue needs a user")
     value: dict[str, Any] = context.user_data.setdefault("draft", {})
     return value
 
