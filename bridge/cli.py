@@ -8,9 +8,10 @@ import json
 import logging
 import mimetypes
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from bridge import __version__
 from bridge.errors import BridgeError, ConfigError, MailError
@@ -217,51 +218,65 @@ def _export(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit: must be 0 or more")
     setup_logging(load_core().log_level, [imap_settings.password.get_secret_value()])
-    items = asyncio.run(_export_items(imap_settings, args.limit))
-    text = json.dumps(items, ensure_ascii=False, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-        print(f"wrote {len(items)} messages to {args.json}", file=sys.stderr)
-    else:
-        print(text)
+    if not args.json:
+        asyncio.run(_export_to(sys.stdout, imap_settings, args.limit))
+        return EXIT_OK
+    target = Path(args.json)
+    partial = target.with_name(target.name + ".part")  # a failed export leaves no half file
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            count = asyncio.run(_export_to(out, imap_settings, args.limit))
+        partial.replace(target)
+    except OSError as exc:
+        raise ConfigError(f"--json: cannot write {args.json}: {exc.strerror}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {count} messages to {args.json}", file=sys.stderr)
     return EXIT_OK
 
 
-async def _export_items(settings: Any, limit: int | None) -> list[dict[str, Any]]:
-    from bridge.mail.imap import ImapSession
-    from bridge.mail.parse import parse_mail
+async def _export_to(out: TextIO, settings: Any, limit: int | None) -> int:
+    """Write the JSON array batch by batch: memory stays flat for any mailbox size."""
+    from bridge.mail.imap import FETCH_BATCH, ImapSession
 
     session = ImapSession(settings)
+    count = 0
     try:
         await session.connect()
-        uids = (await session.all_uids())[::-1]
-        if limit is not None:
-            uids = uids[:limit]
-        fetched = await session.fetch(uids)
+        uids = (await session.all_uids())[::-1][:limit]
+        out.write("[")  # only once the folder is open: a refused export prints nothing
+        for start in range(0, len(uids), FETCH_BATCH):
+            for mail in await session.fetch(uids[start : start + FETCH_BATCH]):
+                item = json.dumps(_export_item(mail), ensure_ascii=False, indent=2)
+                out.write(("\n" if count == 0 else ",\n") + textwrap.indent(item, "  "))
+                count += 1
     finally:
         await session.close()
-    items = []
-    for mail in fetched:
-        parsed = parse_mail(mail.raw, structure=mail.structure, text_limit=1_000_000)
-        sender = parsed.from_addr
-        if parsed.from_name:
-            sender = f"{parsed.from_name} <{parsed.from_addr}>" if sender else parsed.from_name
-        items.append(
-            {
-                "uid": mail.uid,
-                "message_id": parsed.message_id,
-                "date": parsed.date.isoformat() if parsed.date else None,
-                "from": sender,
-                "to": parsed.to,
-                "subject": parsed.subject,
-                "text": parsed.text,
-                "attachments": [
-                    {"filename": a.filename, "content_type": a.content_type, "size": a.size}
-                    for a in parsed.attachments
-                ],
-            }
-        )
-    return items
+    out.write("\n]\n" if count else "]\n")
+    return count
+
+
+def _export_item(mail: Any) -> dict[str, Any]:
+    """One message as INTERFACE.md lists its keys."""
+    from bridge.mail.parse import parse_mail
+
+    parsed = parse_mail(mail.raw, structure=mail.structure, text_limit=1_000_000)
+    sender = parsed.from_addr
+    if parsed.from_name:
+        sender = f"{parsed.from_name} <{parsed.from_addr}>" if sender else parsed.from_name
+    return {
+        "uid": mail.uid,
+        "message_id": parsed.message_id,
+        "date": parsed.date.isoformat() if parsed.date else None,
+        "from": sender,
+        "to": parsed.to,
+        "subject": parsed.subject,
+        "text": parsed.text,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+            for a in parsed.attachments
+        ],
+    }
 
 
 _COMMANDS = {
