@@ -70,12 +70,13 @@ class Outbox:
         sender = self.settings.smtp.sender
         message_id = make_message_id(sender)
         message = build_message(mail, sender, message_id=message_id)
+        recipients = envelope_recipients(mail)
         item_id = await self.db.run(
             store.add_outbox,
             chat_id=chat_id,
             user_id=user_id,
             message_id=message_id,
-            recipients=envelope_recipients(mail),
+            recipients=recipients,
             subject=mail.subject,
             raw=message.as_bytes(policy=email.policy.SMTP),
             source_message_id=source_message_id,
@@ -85,9 +86,7 @@ class Outbox:
                 "chat message %s was already accepted; not sending again", source_message_id
             )
             return None
-        logger.info(
-            "outbox item %d stored (%d recipients)", item_id, len(envelope_recipients(mail))
-        )
+        logger.info("outbox item %d stored (%d recipients)", item_id, len(recipients))
         self._wakeup.set()
         return item_id
 

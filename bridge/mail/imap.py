@@ -118,13 +118,8 @@ class ImapSession:
         return self._client
 
     def _connect(self) -> FolderState:
-        s = self.settings
-        client = IMAPClient(
-            s.host, port=s.port, ssl=True, ssl_context=ssl_context(s.ca_file), timeout=s.timeout
-        )
+        client = _login(self.settings)
         try:
-            _keepalive(client.socket())
-            client.login(s.username, s.password.get_secret_value())
             # Cache the capabilities here, in the worker thread (from the LOGIN answer, before
             # SELECT discards it): can_idle is read on the event loop and must not do I/O.
             client.capabilities()
@@ -132,7 +127,8 @@ class ImapSession:
             try:
                 return self._select()
             except IMAPClientError as exc:
-                raise PermanentMailError(f"cannot open folder {s.mailbox}: {_text(exc)}") from exc
+                folder = self.settings.mailbox
+                raise PermanentMailError(f"cannot open folder {folder}: {_text(exc)}") from exc
         except Exception:
             self._client = None
             _shutdown(client)
@@ -269,6 +265,24 @@ class ImapSession:
             await asyncio.to_thread(_logout, client)
 
 
+def _login(settings: ImapSettings) -> IMAPClient:
+    """A verified IMAPS connection, logged in (blocking; call from a worker thread)."""
+    client = IMAPClient(
+        settings.host,
+        port=settings.port,
+        ssl=True,
+        ssl_context=ssl_context(settings.ca_file),
+        timeout=settings.timeout,
+    )
+    try:
+        _keepalive(client.socket())
+        client.login(settings.username, settings.password.get_secret_value())
+    except Exception:
+        _shutdown(client)
+        raise
+    return client
+
+
 def _keepalive(sock: socket.socket) -> None:
     """TCP keepalive: a link that dies silently during IDLE is noticed in ~90 s, not at renewal."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -335,15 +349,8 @@ async def check_login(settings: ImapSettings) -> str:
 
 
 def _append_sent(settings: ImapSettings, raw: bytes) -> str | None:
-    client = IMAPClient(
-        settings.host,
-        port=settings.port,
-        ssl=True,
-        ssl_context=ssl_context(settings.ca_file),
-        timeout=settings.timeout,
-    )
+    client = _login(settings)
     try:
-        client.login(settings.username, settings.password.get_secret_value())
         folder = settings.sent_mailbox or client.find_special_folder(b"\\Sent")
         if not folder:
             return None
