@@ -17,7 +17,8 @@ from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
 from bridge.errors import BridgeError
 from bridge.logs import mask_secrets
-from bridge.mail_to_chat import Backoff, ChatLocks, Watcher, WatchStatus, wait_or_stop
+from bridge.mail_to_chat import ChatLocks, Watcher, WatchStatus
+from bridge.retry import Backoff, wait_or_stop
 from bridge.telegram import polling
 from bridge.telegram.bot import build_application
 from bridge.telegram.deps import Deps

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,11 +21,9 @@ from bridge.errors import DatabaseError, MailError, PermanentMailError
 from bridge.mail.imap import FETCH_BATCH, FetchedMail, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
 from bridge.mail.summary import render_digest, render_summary, render_unparseable
-from bridge.telegram.polling import retry_delay
+from bridge.retry import Backoff, Stopped, retry_delay, wait_or_stop
 
 logger = logging.getLogger(__name__)
-
-MAX_BACKOFF = 60.0
 
 
 @dataclass
@@ -48,37 +45,6 @@ class ChatLocks(defaultdict[int, asyncio.Lock]):
 
     def __init__(self) -> None:
         super().__init__(asyncio.Lock)
-
-
-class Stopped(Exception):
-    """Raised inside the watcher when a stop was requested mid-work."""
-
-
-class Backoff:
-    """Exponential backoff with full jitter, capped."""
-
-    def __init__(self, first: float = 1.0, cap: float = MAX_BACKOFF) -> None:
-        self.first, self.cap, self.attempt = first, cap, 0
-
-    def next(self) -> float:
-        """The next delay."""
-        self.attempt += 1
-        ceiling = min(self.cap, self.first * 2 ** (self.attempt - 1))
-        jitter: float = random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
-        return float(ceiling / 2 + jitter)
-
-    def reset(self) -> None:
-        """Back to the first delay after a success."""
-        self.attempt = 0
-
-
-async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to seconds; True if stop was set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 def record_of(uid: int, mail: ParsedMail | None) -> store.MailRecord:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
-from datetime import timedelta
 from typing import Any
 
 from telegram import Update
 from telegram.error import Conflict, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application
-from telegram.warnings import PTBDeprecationWarning
+
+from bridge.retry import retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +68,3 @@ async def poll(
         for update in updates:
             await application.process_update(update)
             offset = update.update_id + 1  # confirmed by the next getUpdates
-
-
-def retry_delay(exc: RetryAfter) -> float:
-    """Seconds Telegram asked us to wait (an int today, a timedelta in a future PTB)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PTBDeprecationWarning)
-        value = exc.retry_after
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
