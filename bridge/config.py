@@ -1,31 +1,48 @@
-"""Settings from BRIDGE_* environment variables and .env, and their one-line error messages."""
+"""Settings: the TOML file, BRIDGE_* environment variables and .env, with one-line errors.
+
+Where values come from, strongest first: environment variables (BRIDGE_ prefix, "__" between
+nested names), then `.env` in the working directory, then the TOML file (`--config PATH`, else
+BRIDGE_CONFIG_FILE, else `mailbridge.toml` in the working directory when it exists), then the
+defaults below. Every `password` (and the bot `token`) has a `*_file` twin naming a file whose
+first line is the secret. Without `[[accounts]]`, the BRIDGE_IMAP__* and BRIDGE_SMTP__* settings
+make one account named `default`.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from bridge.errors import ConfigError
 
 ENV_FILE = ".env"
-_S = TypeVar("_S", bound=BaseSettings)
-_T = TypeVar("_T")
-
-
-def _config(prefix: str) -> SettingsConfigDict:
-    return SettingsConfigDict(
-        env_prefix=prefix,
-        env_file=ENV_FILE,
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-    )
+DEFAULT_CONFIG_FILE = Path("mailbridge.toml")
+DEFAULT_ACCOUNT = "default"
+_M = TypeVar("_M", bound=BaseModel)
+# Keys whose value is a secret: a file holding one must be owner-only.
+_SECRET_KEYS = frozenset({"password", "token", "client_secret", "secret_key"})
 
 
 def _id_list(value: Any) -> Any:
@@ -40,10 +57,37 @@ def _id_list(value: Any) -> Any:
     return value
 
 
-class CoreSettings(BaseSettings):
-    """Settings every command needs."""
+def read_secret_file(path: Path) -> str:
+    """The first line of a secret file; refused when group or others may read it."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ValueError(f"{path} is readable by group or others (chmod 600 {path})")
+        with path.open(encoding="utf-8") as handle:
+            line = handle.readline().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not line:
+        raise ValueError(f"{path} is empty")
+    return line
 
-    model_config = _config("BRIDGE_")
+
+def _secret_twin(data: Any, key: str) -> Any:
+    """Fill `key` from `key_file` when only the file is given."""
+    if isinstance(data, dict) and data.get(f"{key}_file") and not data.get(key):
+        data = dict(data)
+        data[key] = read_secret_file(Path(str(data[f"{key}_file"])))
+    return data
+
+
+def _check_ca(value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+class CoreSettings(BaseModel):
+    """Settings every command needs."""
 
     database_url: str = "sqlite:///data/bridge.db"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -54,20 +98,25 @@ class CoreSettings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
 
-class TelegramSettings(BaseSettings):
+class TelegramSettings(BaseModel):
     """The bot: token, Bot API server, who may use it and where new mail goes."""
 
-    model_config = _config("BRIDGE_TELEGRAM__")
-
     token: SecretStr
+    token_file: Path | None = None
     api_url: str = "https://api.telegram.org"
     allowed_user_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
     notify_chat_ids: Annotated[list[int] | None, NoDecode] = None
     preview_chars: int = Field(default=1200, ge=0, le=3500)
     digest_threshold: int = Field(default=20, ge=2)
     chat_interval: float = Field(default=1.0, ge=0, le=60)
+    group_interval: float = Field(default=3.0, ge=0, le=60)
     send_rate_limit: int = Field(default=30, ge=1)
     send_dialogue_timeout: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_file(cls, data: Any) -> Any:
+        return _secret_twin(data, "token")
 
     @field_validator("allowed_user_ids", "notify_chat_ids", mode="before")
     @classmethod
@@ -97,23 +146,32 @@ class TelegramSettings(BaseSettings):
         return list(self.notify_chat_ids)
 
 
-class ImapSettings(BaseSettings):
-    """The mailbox to watch over IMAPS."""
-
-    model_config = _config("BRIDGE_IMAP__")
+class ImapSettings(BaseModel):
+    """An account's IMAPS server."""
 
     host: str
     port: int = Field(default=993, ge=1, le=65535)
     username: str
     password: SecretStr
+    password_file: Path | None = None
     mailbox: str = "INBOX"
     ca_file: Path | None = None
     idle: bool = True
     poll_interval: float = Field(default=60.0, gt=0)
     backfill: int = Field(default=0, ge=0)
     timeout: float = Field(default=30.0, gt=0)
+    # Servers allow 10-20 connections per account; folders beyond this many are polled.
+    max_connections: int = Field(default=8, ge=1, le=100)
     sent_mailbox: str = ""
     save_sent: bool = True
+    archive_mailbox: str = ""
+    trash_mailbox: str = ""
+    junk_mailbox: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_file(cls, data: Any) -> Any:
+        return _secret_twin(data, "password")
 
     @field_validator("ca_file")
     @classmethod
@@ -121,19 +179,23 @@ class ImapSettings(BaseSettings):
         return _check_ca(value)
 
 
-class SmtpSettings(BaseSettings):
-    """The server that sends mail."""
-
-    model_config = _config("BRIDGE_SMTP__")
+class SmtpSettings(BaseModel):
+    """An account's submission server."""
 
     host: str
     port: int = Field(default=465, ge=1, le=65535)
     security: Literal["ssl", "starttls"] = "ssl"
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
     from_address: str | None = None
     ca_file: Path | None = None
     timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_file(cls, data: Any) -> Any:
+        return _secret_twin(data, "password")
 
     @field_validator("security", mode="before")
     @classmethod
@@ -147,7 +209,7 @@ class SmtpSettings(BaseSettings):
 
     @property
     def login(self) -> tuple[str, str]:
-        """Username and password; filled from the IMAP login by load_smtp()."""
+        """Username and password (the account fills them from the IMAP login)."""
         if self.username is None or self.password is None:
             raise ConfigError("BRIDGE_SMTP__USERNAME: required (or set BRIDGE_IMAP__USERNAME)")
         return self.username, self.password.get_secret_value()
@@ -158,10 +220,67 @@ class SmtpSettings(BaseSettings):
         return self.from_address or self.login[0]
 
 
-def _check_ca(value: Path | None) -> Path | None:
-    if value is not None and not value.is_file():
-        raise ValueError(f"no such file: {value}")
-    return value
+class AccountSettings(BaseModel):
+    """One [[accounts]] entry: a name, the watched folders, its IMAP and SMTP servers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
+    folders: list[str] = Field(default_factory=list)
+    imap: ImapSettings
+    smtp: SmtpSettings
+
+    @model_validator(mode="after")
+    def _defaults(self) -> AccountSettings:
+        """Folders default to imap.mailbox; the SMTP login to the IMAP login."""
+        if not self.folders:
+            self.folders.append(self.imap.mailbox)
+        if len(set(self.folders)) != len(self.folders):
+            raise ValueError("folders: a folder is listed twice")
+        if self.smtp.username is None or self.smtp.password is None:
+            self.smtp.username = self.smtp.username or self.imap.username
+            self.smtp.password = self.smtp.password or self.imap.password
+        return self
+
+    def secrets(self) -> list[str]:
+        """Every secret of this account."""
+        values = [self.imap.password.get_secret_value()]
+        if self.smtp.password is not None:
+            values.append(self.smtp.password.get_secret_value())
+        return values
+
+
+ACCOUNT_NAME = r"^[a-z0-9_-]{1,32}$"
+
+
+class RouteSettings(BaseModel):
+    """One [[routes]] entry: matchers (shell-style, case-insensitive; None matches anything)
+    and where a matching mail goes. The first route that matches decides."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    account: str | None = None
+    folder: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    to: str | None = None
+    subject: str | None = None
+    chats: Annotated[list[int] | None, NoDecode] = None  # None: telegram.notify_chat_ids
+    topic: str | int | None = None  # a forum topic: its name, or its message_thread_id
+    mute: bool = False  # True: counted as seen, posted nowhere
+
+    @field_validator("chats", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        return _id_list(value)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value or len(value) > 128:
+                raise ValueError("a topic name is 1-128 characters")
+        return value
 
 
 @dataclass(frozen=True)
@@ -170,31 +289,252 @@ class Settings:
 
     core: CoreSettings
     telegram: TelegramSettings
-    imap: ImapSettings
-    smtp: SmtpSettings
+    accounts: tuple[AccountSettings, ...]
+    routes: tuple[RouteSettings, ...] = ()
+
+    def account(self, name: str | None = None) -> AccountSettings:
+        """The named account; without a name the only (else the first) one."""
+        if name is None:
+            return self.accounts[0]
+        for account in self.accounts:
+            if account.name == name:
+                return account
+        known = ", ".join(a.name for a in self.accounts)
+        raise ConfigError(f"--account: no account named {name!r} (known: {known})")
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log filter that masks them."""
-        values = [self.telegram.token.get_secret_value(), self.imap.password.get_secret_value()]
-        if self.smtp.password is not None:
-            values.append(self.smtp.password.get_secret_value())
+        values = [self.telegram.token.get_secret_value()]
+        for account in self.accounts:
+            values += account.secrets()
         return [v for v in values if v]
 
 
-def _build(cls: type[_S], prefix: str) -> _S:
+class _Sources(BaseSettings):
+    """The raw, merged values of every source; typed validation happens in load_*()."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BRIDGE_",
+        env_nested_delimiter="__",
+        env_file=ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    config_file: Path | None = None
+    database_url: Any = None
+    log_level: Any = None
+    telegram: dict[str, Any] = Field(default_factory=dict)
+    imap: dict[str, Any] | None = None
+    smtp: dict[str, Any] | None = None
+    accounts: list[dict[str, Any]] = Field(default_factory=list)
+    routes: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment over .env over the TOML file."""
+        return (init_settings, env_settings, dotenv_settings, TomlConfigSettingsSource(cls))
+
+
+def config_file_path() -> Path | None:
+    """The TOML file in use: BRIDGE_CONFIG_FILE (also from .env), else ./mailbridge.toml."""
     try:
-        return cls()
+        located = _Sources().config_file
+    except ValidationError:
+        located = None
+    if located is not None:
+        if not located.is_file():
+            raise ConfigError(f"BRIDGE_CONFIG_FILE: no such file: {located}")
+        return located
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _read_sources() -> _Sources:
+    path = config_file_path()
+    if path is None:
+        return _Sources()
+    _check_config_file(path)
+
+    class _WithFile(_Sources):
+        model_config = SettingsConfigDict(**{**_Sources.model_config, "toml_file": path})
+
+    try:
+        return _WithFile()
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, prefix)) from None
+        raise ConfigError(f"{path}: {_describe(exc, '')}") from None
+
+
+def _check_config_file(path: Path) -> None:
+    """Refuse a TOML file that does not parse, or holds a secret and is readable by others."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if path.stat().st_mode & 0o077 and any(_holds_secret(data)):
+        raise ConfigError(
+            f"{path} holds a secret and is readable by group or others (chmod 600 {path}, "
+            "or move the secret to a *_file)"
+        )
+
+
+def _holds_secret(value: Any) -> Iterable[bool]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key in _SECRET_KEYS and bool(item)
+            yield from _holds_secret(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _holds_secret(item)
 
 
 def _describe(exc: ValidationError, prefix: str) -> str:
+    """One line per error; `prefix` is BRIDGE_X__ (a variable) or accounts[0]. (a file key)."""
     lines = []
     for error in exc.errors():
-        name = prefix + "__".join(str(part) for part in error["loc"]).upper()
+        loc = [str(part) for part in error["loc"]]
+        if prefix == "" or prefix.startswith("BRIDGE_"):
+            name = (prefix or "BRIDGE_") + "__".join(loc).upper()
+        else:
+            name = prefix + ".".join(loc)
+        name = name.rstrip("_.")
         reason = "required" if error["type"] == "missing" else error["msg"]
+        if reason.startswith("Value error, "):
+            reason = reason[len("Value error, ") :]
         lines.append(f"{name}: {reason}")
     return "; ".join(lines)
+
+
+def _validate(model: type[_M], data: Any, prefix: str, errors: list[str]) -> _M | None:
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        errors.append(_describe(exc, prefix))
+        return None
+
+
+def _accounts(raw: _Sources, errors: list[str]) -> list[AccountSettings]:
+    """[[accounts]] from the file, else one `default` account from BRIDGE_IMAP__/SMTP__."""
+    if not raw.accounts:
+        imap = _validate(ImapSettings, raw.imap, "BRIDGE_IMAP__", errors)
+        smtp_data = dict(raw.smtp or {})
+        smtp = _validate(SmtpSettings, smtp_data, "BRIDGE_SMTP__", errors)
+        if imap is None or smtp is None:
+            return []
+        return [AccountSettings(name=DEFAULT_ACCOUNT, imap=imap, smtp=smtp)]
+    accounts: list[AccountSettings] = []
+    for index, data in enumerate(raw.accounts):
+        account = _validate(AccountSettings, data, f"accounts[{index}].", errors)
+        if account is not None:
+            accounts.append(account)
+    names = [a.name for a in accounts]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"accounts: the name {name!r} is used twice")
+    return accounts
+
+
+def _routes(
+    raw: _Sources, accounts: list[AccountSettings], errors: list[str]
+) -> list[RouteSettings]:
+    routes: list[RouteSettings] = []
+    names = {a.name for a in accounts}
+    for index, data in enumerate(raw.routes):
+        route = _validate(RouteSettings, data, f"routes[{index}].", errors)
+        if route is None:
+            continue
+        if (
+            route.account is not None
+            and not any(c in route.account for c in "*?[")
+            and (accounts and route.account not in names)
+        ):
+            errors.append(f"routes[{index}].account: no account named {route.account!r}")
+        routes.append(route)
+    return routes
+
+
+def _core(raw: _Sources, errors: list[str]) -> CoreSettings | None:
+    data = {"database_url": raw.database_url, "log_level": raw.log_level}
+    return _validate(CoreSettings, {k: v for k, v in data.items() if v is not None}, "", errors)
+
+
+def load_core() -> CoreSettings:
+    """Database and logging settings."""
+    errors: list[str] = []
+    core = _core(_read_sources(), errors)
+    if core is None:
+        raise ConfigError("; ".join(errors))
+    return core
+
+
+def load_settings() -> Settings:
+    """All settings; raises ConfigError naming every bad variable or file key."""
+    raw = _read_sources()
+    errors: list[str] = []
+    core = _core(raw, errors)
+    telegram = _validate(TelegramSettings, raw.telegram, "BRIDGE_TELEGRAM__", errors)
+    accounts = _accounts(raw, errors)
+    routes = _routes(raw, accounts, errors)
+    if errors or core is None or telegram is None or not accounts:
+        raise ConfigError("; ".join(errors))
+    return Settings(core=core, telegram=telegram, accounts=tuple(accounts), routes=tuple(routes))
+
+
+def load_account(name: str | None = None) -> AccountSettings:
+    """One account alone (for `send` and `export`): the named one, else the first."""
+    raw = _read_sources()
+    errors: list[str] = []
+    accounts = _accounts(raw, errors)
+    if errors or not accounts:
+        raise ConfigError("; ".join(errors))
+    return Settings(CoreSettings(), _NO_TELEGRAM, tuple(accounts)).account(name)
+
+
+def load_imap(account: str | None = None) -> ImapSettings:
+    """An account's IMAP settings alone (for `mailbridge export`)."""
+    raw = _read_sources()
+    if raw.accounts:
+        return load_account(account).imap
+    errors: list[str] = []
+    imap = _validate(ImapSettings, raw.imap, "BRIDGE_IMAP__", errors)
+    if imap is None:
+        raise ConfigError("; ".join(errors))
+    return imap
+
+
+def load_smtp(account: str | None = None) -> SmtpSettings:
+    """An account's SMTP settings alone (for `mailbridge send`); the login defaults to IMAP's."""
+    raw = _read_sources()
+    if raw.accounts:
+        return load_account(account).smtp
+    errors: list[str] = []
+    smtp = _validate(SmtpSettings, raw.smtp, "BRIDGE_SMTP__", errors)
+    if smtp is None:
+        raise ConfigError("; ".join(errors))
+    if smtp.username is None or smtp.password is None:
+        imap = raw.imap or {}
+        try:
+            imap = _secret_twin(imap, "password")
+        except ValueError as exc:
+            raise ConfigError(f"BRIDGE_IMAP__PASSWORD_FILE: {exc}") from None
+        if smtp.username is None and not imap.get("username"):
+            raise ConfigError("BRIDGE_SMTP__USERNAME: required (or set the BRIDGE_IMAP__ login)")
+        if smtp.password is None and not imap.get("password"):
+            raise ConfigError("BRIDGE_SMTP__PASSWORD: required (or set the BRIDGE_IMAP__ login)")
+        smtp.username = smtp.username or str(imap["username"])
+        smtp.password = smtp.password or SecretStr(str(imap["password"]))
+    return smtp
+
+
+_NO_TELEGRAM = TelegramSettings(token=SecretStr("0:unused"))
 
 
 def secure_env_file(path: Path = Path(ENV_FILE)) -> bool:
@@ -209,54 +549,6 @@ def secure_env_file(path: Path = Path(ENV_FILE)) -> bool:
     return True
 
 
-def load_core() -> CoreSettings:
-    """Database and logging settings."""
-    return _build(CoreSettings, "BRIDGE_")
-
-
-def load_imap() -> ImapSettings:
-    """IMAP settings alone (for `mailbridge export`)."""
-    return _build(ImapSettings, "BRIDGE_IMAP__")
-
-
-def load_smtp(imap: ImapSettings | None = None) -> SmtpSettings:
-    """SMTP settings, the login defaulting to the IMAP one."""
-    smtp = _build(SmtpSettings, "BRIDGE_SMTP__")
-    if smtp.username is None or smtp.password is None:
-        if imap is None:
-            try:
-                imap = ImapSettings()  # type: ignore[call-arg]
-            except ValidationError:
-                imap = None
-        if imap is None:
-            missing = "BRIDGE_SMTP__USERNAME" if smtp.username is None else "BRIDGE_SMTP__PASSWORD"
-            raise ConfigError(f"{missing}: required (or set the BRIDGE_IMAP__ login)")
-        smtp = smtp.model_copy(
-            update={
-                "username": smtp.username or imap.username,
-                "password": smtp.password or imap.password,
-            }
-        )
-    return smtp
-
-
-def load_settings() -> Settings:
-    """All settings; raises ConfigError naming the first bad variables."""
-    errors: list[str] = []
-
-    def attempt(build: Callable[[], _T]) -> _T | None:
-        try:
-            return build()
-        except ConfigError as exc:
-            errors.append(str(exc))
-            return None
-
-    core = attempt(load_core)
-    telegram = attempt(lambda: _build(TelegramSettings, "BRIDGE_TELEGRAM__"))
-    imap = attempt(load_imap)
-    smtp = attempt(lambda: load_smtp(imap)) if imap is not None else None
-    if imap is None:
-        attempt(lambda: _build(SmtpSettings, "BRIDGE_SMTP__"))  # report its errors too
-    if core is None or telegram is None or imap is None or smtp is None:
-        raise ConfigError("; ".join(errors))
-    return Settings(core=core, telegram=telegram, imap=imap, smtp=smtp)
+def use_config_file(path: str) -> None:
+    """`mailbridge --config PATH`: the same as BRIDGE_CONFIG_FILE=PATH."""
+    os.environ["BRIDGE_CONFIG_FILE"] = path

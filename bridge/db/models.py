@@ -38,14 +38,28 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class Account(Base):
+    """A configured account, by its name: the stable key of its folders and outgoing mail.
+
+    Keyed by name, not by server address, so that writing the host differently is not a
+    first contact (which would silently count what arrived meanwhile as seen).
+    """
+
+    __tablename__ = "account"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Mailbox(Base):
     """One watched folder: its UIDVALIDITY and the highest UID handled."""
 
     __tablename__ = "mailbox"
-    __table_args__ = (UniqueConstraint("account", "name"),)
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    account: Mapped[str] = mapped_column(String(320))
+    account_id: Mapped[int] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(255))
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -53,7 +67,7 @@ class Mailbox(Base):
 
 
 class PostedMail(Base):
-    """A mail whose summary reached at least one chat, with what a reply needs."""
+    """A mail the watcher handed to delivery: its summary and what a reply needs."""
 
     __tablename__ = "posted_mail"
     __table_args__ = (UniqueConstraint("mailbox_id", "uidvalidity", "uid"),)
@@ -67,6 +81,8 @@ class PostedMail(Base):
     sender: Mapped[str] = mapped_column(Text, default="")
     reply_to: Mapped[str] = mapped_column(Text, default="")
     references: Mapped[str] = mapped_column(Text, default="")
+    sender_name: Mapped[str] = mapped_column(Text, default="")
+    summary: Mapped[str] = mapped_column(Text, default="")  # Telegram HTML, <= 4,096 characters
     posted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     summaries: Mapped[list[PostedSummary]] = relationship(
@@ -75,10 +91,13 @@ class PostedMail(Base):
 
 
 class PostedSummary(Base):
-    """One Telegram message that shows a mail: the key a chat reply is resolved by."""
+    """A Telegram message that shows a mail: the key a chat reply is resolved by.
+
+    A combined message (several mails that waited for the same chat) has one row per mail.
+    """
 
     __tablename__ = "posted_summary"
-    __table_args__ = (UniqueConstraint("chat_id", "telegram_message_id"),)
+    __table_args__ = (UniqueConstraint("chat_id", "telegram_message_id", "posted_mail_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     posted_mail_id: Mapped[int] = mapped_column(
@@ -88,6 +107,61 @@ class PostedSummary(Base):
     telegram_message_id: Mapped[int] = mapped_column(BigInteger)
 
     mail: Mapped[PostedMail] = relationship(back_populates="summaries")
+
+
+class Delivery(Base):
+    """One mail for one chat (and forum topic): pending until Telegram accepted a message
+    carrying it. Written with the folder's cursor, so nothing is lost between the two."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (UniqueConstraint("posted_mail_id", "chat_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    posted_mail_id: Mapped[int] = mapped_column(
+        ForeignKey("posted_mail.id", ondelete="CASCADE"), index=True
+    )
+    chat_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    topic: Mapped[str] = mapped_column(String(128), default="")  # name or thread id; "" none
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    telegram_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ForumTopic(Base):
+    """A forum topic the bridge posts into, by name: created once, reused after a restart."""
+
+    __tablename__ = "forum_topic"
+    __table_args__ = (UniqueConstraint("chat_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(128))
+    thread_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class ChatMigration(Base):
+    """A group that Telegram turned into a supergroup with a new id (ChatMigrated)."""
+
+    __tablename__ = "chat_migration"
+
+    old_chat_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    new_chat_id: Mapped[int] = mapped_column(BigInteger)
+    migrated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Mute(Base):
+    """A muted sender: later mail from this address is recorded as seen, posted nowhere."""
+
+    __tablename__ = "mute"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)  # lower case
+    muted_by: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class OutboxItem(Base):
@@ -100,6 +174,10 @@ class OutboxItem(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # None for items stored before accounts existed: they leave through the first account.
+    account_id: Mapped[int | None] = mapped_column(
+        ForeignKey("account.id", ondelete="SET NULL"), nullable=True
+    )
     chat_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     user_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     source_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from bridge.db.models import Mailbox, OutboxItem, PostedMail, PostedSummary, utcnow
+from bridge.db.models import (
+    Account,
+    ChatMigration,
+    Delivery,
+    ForumTopic,
+    Mailbox,
+    Mute,
+    OutboxItem,
+    PostedMail,
+    PostedSummary,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -22,7 +34,7 @@ class MailboxState:
 
 @dataclass(frozen=True)
 class MailRecord:
-    """The facts about a posted mail that a reply needs."""
+    """The facts about a mail that a reply, a digest line and a re-post need."""
 
     uid: int
     message_id: str
@@ -30,21 +42,59 @@ class MailRecord:
     sender: str
     reply_to: str
     references: tuple[str, ...]
+    sender_name: str = ""
+    summary: str = ""
 
 
-def get_mailbox(session: Session, account: str, name: str) -> MailboxState | None:
+@dataclass(frozen=True)
+class ShownMail:
+    """A mail shown in a chat: its record, its row id and the account it came to."""
+
+    posted_mail_id: int
+    account: str
+    folder: str
+    record: MailRecord
+
+
+@dataclass(frozen=True)
+class PendingDelivery:
+    """A mail waiting for one chat (and topic)."""
+
+    id: int
+    chat_id: int
+    topic: str
+    attempts: int
+    mail: ShownMail
+
+
+def ensure_account(session: Session, name: str) -> int:
+    """The stable id of the account with this name, created on first use."""
+    found = session.scalar(select(Account.id).where(Account.name == name))
+    if found is not None:
+        return found
+    account = Account(name=name)
+    session.add(account)
+    session.flush()
+    return account.id
+
+
+def get_mailbox(session: Session, account_id: int, name: str) -> MailboxState | None:
     """The stored state of a folder, or None on first contact."""
-    row = session.scalar(select(Mailbox).where(Mailbox.account == account, Mailbox.name == name))
+    row = session.scalar(
+        select(Mailbox).where(Mailbox.account_id == account_id, Mailbox.name == name)
+    )
     return None if row is None else MailboxState(row.id, row.uidvalidity, row.last_uid)
 
 
 def reset_mailbox(
-    session: Session, account: str, name: str, uidvalidity: int, last_uid: int
+    session: Session, account_id: int, name: str, uidvalidity: int, last_uid: int
 ) -> MailboxState:
     """Start a folder afresh (first contact, new UIDVALIDITY): UIDs <= last_uid count as seen."""
-    row = session.scalar(select(Mailbox).where(Mailbox.account == account, Mailbox.name == name))
+    row = session.scalar(
+        select(Mailbox).where(Mailbox.account_id == account_id, Mailbox.name == name)
+    )
     if row is None:
-        row = Mailbox(account=account, name=name, uidvalidity=uidvalidity, last_uid=last_uid)
+        row = Mailbox(account_id=account_id, name=name, uidvalidity=uidvalidity, last_uid=last_uid)
         session.add(row)
     else:
         row.uidvalidity, row.last_uid, row.updated_at = uidvalidity, last_uid, utcnow()
@@ -59,75 +109,244 @@ def advance(session: Session, mailbox_id: int, uid: int) -> None:
         row.last_uid, row.updated_at = uid, utcnow()
 
 
-def posted_chats(session: Session, mailbox_id: int, uidvalidity: int, uid: int) -> set[int]:
-    """Chats that already show this mail (so a retry after a crash skips them)."""
-    rows = session.scalars(
-        select(PostedSummary.chat_id)
-        .join(PostedMail)
-        .where(
-            PostedMail.mailbox_id == mailbox_id,
-            PostedMail.uidvalidity == uidvalidity,
-            PostedMail.uid == uid,
-        )
-    )
-    return set(rows)
-
-
-def record_summary(
+def record_mail(
     session: Session,
-    mailbox_id: int,
-    uidvalidity: int,
+    mailbox: MailboxState,
     record: MailRecord,
-    chat_id: int,
-    telegram_message_id: int,
-) -> None:
-    """Remember that chat_id shows this mail as telegram_message_id."""
-    mail = session.scalar(
-        select(PostedMail).where(
-            PostedMail.mailbox_id == mailbox_id,
-            PostedMail.uidvalidity == uidvalidity,
+    destinations: Sequence[tuple[int, str]],
+) -> bool:
+    """Hand a mail to delivery: one pending row per (chat, topic), and the cursor past it.
+
+    In one transaction, so a crash either leaves the mail unseen or queued, never lost.
+    Returns False when this mail was already recorded (a repeat after a crash).
+    """
+    advance(session, mailbox.id, record.uid)
+    if not destinations:
+        return True
+    seen = session.scalar(
+        select(PostedMail.id).where(
+            PostedMail.mailbox_id == mailbox.id,
+            PostedMail.uidvalidity == mailbox.uidvalidity,
             PostedMail.uid == record.uid,
         )
     )
-    if mail is None:
-        mail = PostedMail(
-            mailbox_id=mailbox_id,
-            uidvalidity=uidvalidity,
-            uid=record.uid,
-            message_id=record.message_id,
-            subject=record.subject,
-            sender=record.sender,
-            reply_to=record.reply_to,
-            references=" ".join(record.references),
+    if seen is not None:
+        return False
+    mail = PostedMail(
+        mailbox_id=mailbox.id,
+        uidvalidity=mailbox.uidvalidity,
+        uid=record.uid,
+        message_id=record.message_id,
+        subject=record.subject,
+        sender=record.sender,
+        sender_name=record.sender_name,
+        reply_to=record.reply_to,
+        references=" ".join(record.references),
+        summary=record.summary,
+    )
+    session.add(mail)
+    session.flush()
+    for chat_id, topic in dict.fromkeys(destinations):
+        session.add(Delivery(posted_mail_id=mail.id, chat_id=chat_id, topic=topic))
+    return True
+
+
+def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
+    return ShownMail(
+        posted_mail_id=mail.id,
+        account=account,
+        folder=folder,
+        record=MailRecord(
+            uid=mail.uid,
+            message_id=mail.message_id,
+            subject=mail.subject,
+            sender=mail.sender,
+            reply_to=mail.reply_to,
+            references=tuple(mail.references.split()),
+            sender_name=mail.sender_name,
+            summary=mail.summary,
+        ),
+    )
+
+
+_SHOWN = (
+    select(PostedMail, Account.name, Mailbox.name)
+    .join(Mailbox, PostedMail.mailbox_id == Mailbox.id)
+    .join(Account, Mailbox.account_id == Account.id)
+)
+
+
+def pending_chats(session: Session, now: datetime) -> list[int]:
+    """Chats with deliveries due now."""
+    rows = session.scalars(
+        select(Delivery.chat_id)
+        .where(Delivery.status == "pending", Delivery.next_attempt_at <= now)
+        .distinct()
+    )
+    return list(rows)
+
+
+def due_deliveries(
+    session: Session, chat_id: int, now: datetime, limit: int = 500
+) -> list[PendingDelivery]:
+    """What waits for a chat, oldest first (UID order within each folder)."""
+    rows = session.execute(
+        _SHOWN.add_columns(Delivery)
+        .join(Delivery, Delivery.posted_mail_id == PostedMail.id)
+        .where(
+            Delivery.chat_id == chat_id,
+            Delivery.status == "pending",
+            Delivery.next_attempt_at <= now,
         )
-        session.add(mail)
-        session.flush()
-    session.add(
-        PostedSummary(
-            posted_mail_id=mail.id, chat_id=chat_id, telegram_message_id=telegram_message_id
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    return [
+        PendingDelivery(d.id, d.chat_id, d.topic, d.attempts, _shown(mail, account, folder))
+        for mail, account, folder, d in rows
+    ]
+
+
+def next_delivery_due(session: Session, chat_id: int) -> datetime | None:
+    """When the next pending delivery to a chat is due, or None."""
+    return session.scalar(
+        select(func.min(Delivery.next_attempt_at)).where(
+            Delivery.chat_id == chat_id, Delivery.status == "pending"
         )
     )
 
 
-def find_by_summary(session: Session, chat_id: int, telegram_message_id: int) -> MailRecord | None:
-    """The mail shown by a Telegram message in a chat, or None if the bridge did not post it."""
-    mail = session.scalar(
-        select(PostedMail)
-        .join(PostedSummary)
+def mark_delivered(
+    session: Session, delivery_ids: Sequence[int], chat_id: int, telegram_message_id: int
+) -> None:
+    """Telegram accepted the message carrying these deliveries: they are done in this chat."""
+    rows = session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)))
+    now = utcnow()
+    for row in rows:
+        row.status, row.telegram_message_id, row.sent_at = "sent", telegram_message_id, now
+        row.attempts += 1
+        session.add(
+            PostedSummary(
+                posted_mail_id=row.posted_mail_id,
+                chat_id=chat_id,
+                telegram_message_id=telegram_message_id,
+            )
+        )
+
+
+def postpone_deliveries(
+    session: Session, delivery_ids: Sequence[int], error: str, next_attempt_at: datetime
+) -> None:
+    """Not accepted (the chat is gone, forbidden, ...): try again later, keep the reason."""
+    rows = session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)))
+    for row in rows:
+        row.attempts += 1
+        row.last_error, row.next_attempt_at = error[:500], next_attempt_at
+
+
+def move_chat(session: Session, old_chat_id: int, new_chat_id: int) -> None:
+    """Telegram migrated a group to a supergroup: its pending mail and topics follow it."""
+    if session.get(ChatMigration, old_chat_id) is None:
+        session.add(ChatMigration(old_chat_id=old_chat_id, new_chat_id=new_chat_id))
+    for row in session.scalars(
+        select(Delivery).where(Delivery.chat_id == old_chat_id, Delivery.status == "pending")
+    ):
+        row.chat_id = new_chat_id
+
+
+def chat_migrations(session: Session) -> dict[int, int]:
+    """Old group id -> new supergroup id, for every migration seen."""
+    rows = session.execute(select(ChatMigration.old_chat_id, ChatMigration.new_chat_id))
+    return dict(rows.tuples().all())
+
+
+def get_topic(session: Session, chat_id: int, name: str) -> int | None:
+    """The thread id of a forum topic the bridge created by name, or None."""
+    return session.scalar(
+        select(ForumTopic.thread_id).where(ForumTopic.chat_id == chat_id, ForumTopic.name == name)
+    )
+
+
+def save_topic(session: Session, chat_id: int, name: str, thread_id: int) -> None:
+    """Remember a forum topic (replacing a deleted one of the same name)."""
+    row = session.scalar(
+        select(ForumTopic).where(ForumTopic.chat_id == chat_id, ForumTopic.name == name)
+    )
+    if row is None:
+        session.add(ForumTopic(chat_id=chat_id, name=name, thread_id=thread_id))
+    else:
+        row.thread_id = thread_id
+
+
+def forget_topic(session: Session, chat_id: int, thread_id: int) -> None:
+    """A topic Telegram no longer knows (deleted by a user)."""
+    for row in session.scalars(
+        select(ForumTopic).where(ForumTopic.chat_id == chat_id, ForumTopic.thread_id == thread_id)
+    ):
+        session.delete(row)
+
+
+def muted_addresses(session: Session) -> set[str]:
+    """Every muted sender address (lower case)."""
+    return set(session.scalars(select(Mute.address)))
+
+
+def add_mute(session: Session, address: str, user_id: int | None) -> bool:
+    """Mute a sender; False when it was muted already."""
+    address = address.lower()
+    if session.scalar(select(Mute.id).where(Mute.address == address)) is not None:
+        return False
+    session.add(Mute(address=address, muted_by=user_id))
+    return True
+
+
+def remove_mute(session: Session, address: str) -> bool:
+    """End a mute; False when that address was not muted."""
+    row = session.scalar(select(Mute).where(Mute.address == address.lower()))
+    if row is None:
+        return False
+    session.delete(row)
+    return True
+
+
+def find_by_summary(session: Session, chat_id: int, telegram_message_id: int) -> list[ShownMail]:
+    """The mails a Telegram message in a chat shows (several for a combined message)."""
+    rows = session.execute(
+        _SHOWN.join(PostedSummary, PostedSummary.posted_mail_id == PostedMail.id)
         .where(
             PostedSummary.chat_id == chat_id,
             PostedSummary.telegram_message_id == telegram_message_id,
         )
+        .order_by(PostedMail.id)
     )
-    if mail is None:
+    return [_shown(mail, account, folder) for mail, account, folder in rows]
+
+
+def find_in_chat(session: Session, chat_id: int, posted_mail_id: int) -> ShownMail | None:
+    """A mail by its row id, only if it was shown in (or is waiting for) this chat.
+
+    Callback data comes back from the client: the row must belong to the chat it came from.
+    """
+    shown = select(PostedSummary.id).where(
+        PostedSummary.posted_mail_id == posted_mail_id, PostedSummary.chat_id == chat_id
+    )
+    waiting = select(Delivery.id).where(
+        Delivery.posted_mail_id == posted_mail_id, Delivery.chat_id == chat_id
+    )
+    if session.scalar(shown.limit(1)) is None and session.scalar(waiting.limit(1)) is None:
         return None
-    return MailRecord(
-        uid=mail.uid,
-        message_id=mail.message_id,
-        subject=mail.subject,
-        sender=mail.sender,
-        reply_to=mail.reply_to,
-        references=tuple(mail.references.split()),
+    row = session.execute(_SHOWN.where(PostedMail.id == posted_mail_id)).first()
+    return None if row is None else _shown(*row)
+
+
+def record_summary(
+    session: Session, posted_mail_id: int, chat_id: int, telegram_message_id: int
+) -> None:
+    """Remember that a chat shows this mail as telegram_message_id (a re-posted summary)."""
+    session.add(
+        PostedSummary(
+            posted_mail_id=posted_mail_id, chat_id=chat_id, telegram_message_id=telegram_message_id
+        )
     )
 
 
@@ -141,6 +360,7 @@ class OutgoingRecord:
     """An outbox row as the worker needs it."""
 
     id: int
+    account: str | None  # None: stored before accounts existed (the first account sends it)
     chat_id: int | None
     message_id: str
     recipients: tuple[str, ...]
@@ -160,6 +380,7 @@ def add_outbox(
     subject: str,
     raw: bytes,
     source_message_id: int | None = None,
+    account_id: int | None = None,
 ) -> int | None:
     """Store an outgoing mail before anything is sent; returns its id.
 
@@ -174,6 +395,7 @@ def add_outbox(
         if seen is not None:
             return None
     item = OutboxItem(
+        account_id=account_id,
         chat_id=chat_id,
         user_id=user_id,
         source_message_id=source_message_id,
@@ -189,8 +411,9 @@ def add_outbox(
 
 def due_outbox(session: Session, now: datetime, limit: int = 10) -> list[OutgoingRecord]:
     """Pending items whose next attempt is due, oldest first."""
-    rows = session.scalars(
-        select(OutboxItem)
+    rows = session.execute(
+        select(OutboxItem, Account.name)
+        .outerjoin(Account, OutboxItem.account_id == Account.id)
         .where(OutboxItem.status == "pending", OutboxItem.next_attempt_at <= now)
         .order_by(OutboxItem.id)
         .limit(limit)
@@ -198,6 +421,7 @@ def due_outbox(session: Session, now: datetime, limit: int = 10) -> list[Outgoin
     return [
         OutgoingRecord(
             r.id,
+            account,
             r.chat_id,
             r.message_id,
             tuple(r.recipients.split("\n")),
@@ -206,7 +430,7 @@ def due_outbox(session: Session, now: datetime, limit: int = 10) -> list[Outgoin
             r.attempts,
             r.created_at,
         )
-        for r in rows
+        for r, account in rows
     ]
 
 

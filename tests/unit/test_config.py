@@ -33,7 +33,7 @@ def test_defaults_follow_the_interface(env: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert s.telegram.api_url == "https://api.telegram.org"
     assert s.telegram.notify_chats == [11, 22]
-    assert (s.imap.port, s.imap.mailbox, s.imap.idle, s.imap.poll_interval) == (
+    assert (s.account().imap.port, s.account().imap.mailbox, s.account().imap.idle, s.account().imap.poll_interval) == (
         993,
         "INBOX",
         True,
@@ -57,7 +57,7 @@ def test_notify_chats_can_differ_from_allowed_users(env: pytest.MonkeyPatch) -> 
 def test_dotenv_file_is_read(env: pytest.MonkeyPatch, tmp_path) -> None:
     env.delenv("BRIDGE_IMAP__HOST")
     (tmp_path / ".env").write_text("BRIDGE_IMAP__HOST=from-dotenv.example\n")
-    assert load_settings().imap.host == "from-dotenv.example"
+    assert load_settings().account().imap.host == "from-dotenv.example"
 
 
 @pytest.mark.parametrize(
