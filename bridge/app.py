@@ -1,4 +1,4 @@
-"""The service: migrate, build the parts, run watcher, outbox and bot until SIGTERM/SIGINT."""
+"""The service: migrate, build the parts, run watchers, delivery, outbox and bot until stopped."""
 
 from __future__ import annotations
 
@@ -6,21 +6,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application
 
 from bridge.chat_to_mail import Outbox
-from bridge.config import Settings
+from bridge.config import AccountSettings, Settings
 from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
+from bridge.delivery import ChatLocks, Delivery
 from bridge.errors import BridgeError
 from bridge.logs import mask_secrets
-from bridge.mail_to_chat import ChatLocks, Watcher, WatchStatus
+from bridge.mail_to_chat import FolderPoller, FolderWatcher
 from bridge.retry import Backoff, wait_or_stop
 from bridge.telegram import polling
-from bridge.telegram.bot import build_application
+from bridge.telegram.bot import build_application, make_bot
 from bridge.telegram.deps import Deps
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ async def run(
 ) -> None:
     """Run until stop is set (by SIGTERM/SIGINT when none is given); BridgeError on failure.
 
-    `ready` is set after each completed mailbox check (for tests and benchmarks).
+    `ready` is set once every watched folder has been checked (for tests and benchmarks).
     """
     if stop is None:
         stop = asyncio.Event()
@@ -55,36 +57,124 @@ async def run(
         unmask()
 
 
+def _origin(settings: Settings, account: AccountSettings, folder: str) -> str:
+    """What a summary says of where the mail came: the account when there are several, the
+    folder when the account watches several or another than INBOX."""
+    parts = [account.name] if len(settings.accounts) > 1 else []
+    if len(account.folders) > 1 or folder.upper() != "INBOX":
+        parts.append(folder)
+    return " · ".join(parts)
+
+
+def build_watchers(
+    settings: Settings, db: Database, delivery: Delivery, executor: ThreadPoolExecutor
+) -> tuple[list[FolderWatcher], list[FolderPoller]]:
+    """One watcher per folder; per account, folders beyond its connection budget (keeping one
+    connection for the poller) share a FolderPoller."""
+    watchers: list[FolderWatcher] = []
+    pollers: list[FolderPoller] = []
+    for account in settings.accounts:
+        mine = [
+            FolderWatcher(
+                account,
+                folder,
+                db=db,
+                delivery=delivery,
+                routes=settings.routes,
+                default_chats=settings.telegram.notify_chats,
+                preview_chars=settings.telegram.preview_chars,
+                digest_threshold=settings.telegram.digest_threshold,
+                origin=_origin(settings, account, folder),
+                executor=executor,
+            )
+            for folder in account.folders
+        ]
+        watchers += mine
+        budget = account.imap.max_connections
+        if len(mine) > budget:
+            pollers.append(FolderPoller(account, mine[budget - 1 :], executor))
+    return watchers, pollers
+
+
 async def serve(
     settings: Settings, db: Database, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
-    """The bot, the watcher and the outbox worker under one task group."""
-    deps = Deps(settings=settings, db=db, status=WatchStatus(), chat_locks=ChatLocks())
-    application = build_application(settings, deps)
-    watcher = Watcher(
-        settings, db, application.bot, deps.status, checked=ready, chat_locks=deps.chat_locks
+    """The bot, the folder watchers, delivery and the outbox worker under one task group."""
+    bot = make_bot(settings.telegram)
+    locks = ChatLocks()
+    delivery = Delivery(settings.telegram, db, bot, locks)
+    outbox = Outbox(settings.accounts, settings.telegram, db, bot)
+    connections = sum(min(len(a.folders), a.imap.max_connections) for a in settings.accounts)
+    executor = ThreadPoolExecutor(max_workers=connections + 4, thread_name_prefix="imap")
+    watchers, pollers = build_watchers(settings, db, delivery, executor)
+    polled = {id(w) for p in pollers for w in p.watchers}
+    deps = Deps(
+        settings=settings,
+        db=db,
+        folders=tuple(w.status for w in watchers),
+        delivery=delivery,
+        chat_locks=locks,
+        outbox=outbox,
     )
-    deps.outbox = outbox = Outbox(settings, db, application.bot)
-    if not await _initialize(application, stop):
-        return
-    # PTB calls post_init only from run_polling(); we start the parts ourselves.
-    if application.post_init is not None:
-        try:
-            await application.post_init(application)
-        except TelegramError as exc:  # the command menu is a convenience, not a reason to stop
-            logger.warning("could not set the bot's command menu: %s", exc)
+    application = build_application(settings.telegram, bot, deps)
     try:
+        if not await _initialize(application, stop):
+            return
+        # PTB calls post_init only from run_polling(); we start the parts ourselves.
+        if application.post_init is not None:
+            try:
+                await application.post_init(application)
+            except TelegramError as exc:  # the command menu is a convenience
+                logger.warning("could not set the bot's command menu: %s", exc)
+        await delivery.load()
         await application.start()
-        logger.info("mailbridge running: watching %s", settings.imap.mailbox)
+        logger.info(
+            "mailbridge running: %d account(s), %d folder(s) (%d polled)",
+            len(settings.accounts),
+            len(watchers),
+            len(polled),
+        )
         async with asyncio.TaskGroup() as group:
             group.create_task(polling.poll(application, stop))
-            group.create_task(watcher.run(stop))
+            group.create_task(delivery.run(stop))
             group.create_task(outbox.work(stop))
+            for watcher in watchers:
+                if id(watcher) not in polled:
+                    group.create_task(watcher.run(stop))
+            for poller in pollers:
+                group.create_task(poller.run(stop))
+            if ready is not None:
+                group.create_task(_all_checked(watchers, delivery, ready, stop))
             await stop.wait()
         logger.info("stopping")
         await application.stop()
     finally:
         await application.shutdown()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _all_checked(
+    watchers: list[FolderWatcher], delivery: Delivery, ready: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """Set ready once every folder was checked and what they found was delivered."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.checked.wait()) for w in watchers]
+    waits.append(asyncio.ensure_future(_drained(watchers, delivery)))
+    stopper = asyncio.ensure_future(stop.wait())
+    everyone: asyncio.Future[Any] = asyncio.gather(*waits)
+    try:
+        await asyncio.wait([everyone, stopper], return_when="FIRST_COMPLETED")
+    finally:
+        stopper.cancel()
+        for wait in waits:
+            wait.cancel()
+    if not stop.is_set():
+        ready.set()
+
+
+async def _drained(watchers: list[FolderWatcher], delivery: Delivery) -> None:
+    for watcher in watchers:
+        await watcher.checked.wait()
+    await delivery.idle.wait()
 
 
 async def _initialize(

@@ -6,14 +6,15 @@ import asyncio
 import email
 import email.policy
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from telegram import Bot
 from telegram.error import TelegramError
 
-from bridge.config import Settings
+from bridge.config import AccountSettings, TelegramSettings
 from bridge.db import store
 from bridge.db.engine import Database
 from bridge.errors import BridgeError, DatabaseError, PermanentMailError, TemporaryMailError
@@ -33,19 +34,57 @@ class RateLimited(BridgeError):
     """The user has sent too many mails in the last hour."""
 
 
+class UnknownAccount(BridgeError):
+    """No configured account has this name; str(exc) is one line that lists the accounts."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        listed = ", ".join(f"@{account}" for account in known)
+        super().__init__(f"No account named @{name}; the accounts are {listed}.")
+        self.name = name
+
+
+def _aware(moment: datetime) -> datetime:
+    """A time read back from the database as aware UTC (SQLite returns naive UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 class Outbox:
     """Outgoing mail: written to the database first, sent by work(), reported to the chat."""
 
-    def __init__(self, settings: Settings, db: Database, bot: Bot) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        accounts: Sequence[AccountSettings],
+        telegram: TelegramSettings,
+        db: Database,
+        bot: Bot,
+    ) -> None:
+        if not accounts:
+            raise ValueError("the outbox needs at least one account")
+        self._accounts = {account.name: account for account in accounts}
+        self._first = accounts[0]
+        self.send_rate_limit = telegram.send_rate_limit
         self.db = db
         self.bot = bot
         self._wakeup = asyncio.Event()
+        self._account_ids: dict[str, int] = {}
+
+    @property
+    def account_names(self) -> tuple[str, ...]:
+        """The names of the accounts mail can leave through, the first (default) one first."""
+        return tuple(self._accounts)
+
+    def account(self, name: str) -> AccountSettings:
+        """The account called name; UnknownAccount (listing the accounts) otherwise."""
+        found = self._accounts.get(name)
+        if found is None:
+            raise UnknownAccount(name, self.account_names)
+        return found
 
     async def submit(
         self,
         mail: OutgoingMail,
         *,
+        account: str,
         chat_id: int | None = None,
         user_id: int | None = None,
         source_message_id: int | None = None,
@@ -55,24 +94,28 @@ class Outbox:
         Returns None when the chat message `source_message_id` was already accepted: Telegram
         re-delivers updates the bridge had not confirmed before a crash.
 
-        Raises RateLimited when the user is over BRIDGE_TELEGRAM__SEND_RATE_LIMIT per hour, and
-        compose.InvalidMail when the mail cannot be built.
+        Raises UnknownAccount for a name that is not configured, RateLimited when the user is
+        over BRIDGE_TELEGRAM__SEND_RATE_LIMIT per hour, and compose.InvalidMail when the mail
+        cannot be built.
         """
+        settings = self.account(account)
         if user_id is not None:
             since = datetime.now(UTC) - timedelta(hours=1)
             recent = await self.db.run(store.count_sent_by_user, user_id, since)
-            limit = self.settings.telegram.send_rate_limit
+            limit = self.send_rate_limit
             if recent >= limit:
                 raise RateLimited(
                     f"Not sent: you have sent {recent} mails in the last hour "
                     f"(limit {limit}). Try again later."
                 )
-        sender = self.settings.smtp.sender
+        sender = settings.smtp.sender
         message_id = make_message_id(sender)
         message = build_message(mail, sender, message_id=message_id)
         recipients = envelope_recipients(mail)
+        account_id = await self._account_id(account)
         item_id = await self.db.run(
             store.add_outbox,
+            account_id=account_id,
             chat_id=chat_id,
             user_id=user_id,
             message_id=message_id,
@@ -86,9 +129,20 @@ class Outbox:
                 "chat message %s was already accepted; not sending again", source_message_id
             )
             return None
-        logger.info("outbox item %d stored (%d recipients)", item_id, len(recipients))
+        logger.info(
+            "outbox item %d stored (account %s, %d recipients)", item_id, account, len(recipients)
+        )
         self._wakeup.set()
         return item_id
+
+    async def _account_id(self, name: str) -> int:
+        """The account's stable database id (looked up once)."""
+        if name not in self._account_ids:
+            try:
+                self._account_ids[name] = await self.db.run(store.ensure_account, name)
+            except IntegrityError:  # another writer created the row at the same moment
+                self._account_ids[name] = await self.db.run(store.ensure_account, name)
+        return self._account_ids[name]
 
     async def describe(self) -> str:
         """One line for /status."""
@@ -117,7 +171,7 @@ class Outbox:
         next_due = await self.db.run(store.next_outbox_due)
         if next_due is None:
             return IDLE_CHECK
-        wait = (next_due.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds()
+        wait = (_aware(next_due) - datetime.now(UTC)).total_seconds()
         return min(max(0.0, wait), IDLE_CHECK)
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
@@ -130,6 +184,14 @@ class Outbox:
                 waiter.cancel()
 
     async def _attempt(self, item: store.OutgoingRecord) -> None:
+        # Items stored before accounts existed have none: they leave through the first one.
+        account = self._first if item.account is None else self._accounts.get(item.account)
+        if account is None:
+            error = f"the account {item.account!r} is no longer configured"
+            await self.db.persist(store.mark_outbox, item.id, "failed", error=error)
+            logger.warning("outbox item %d failed: %s", item.id, error)
+            await self._tell(item, f"❌ Not sent: {error}.")
+            return
         message = email.message_from_bytes(item.raw, _class=EmailMessage, policy=email.policy.SMTP)
 
         async def record_sent(answer: str) -> None:
@@ -137,7 +199,7 @@ class Outbox:
             await self.db.persist(store.mark_outbox, item.id, "sent", error=answer)
 
         try:
-            await smtp.send(message, list(item.recipients), self.settings.smtp, record_sent)
+            await smtp.send(message, list(item.recipients), account.smtp, record_sent)
         except TemporaryMailError as exc:
             await self._retry_or_fail(item, str(exc))
             return
@@ -148,14 +210,14 @@ class Outbox:
             return
         logger.info("outbox item %d sent", item.id)
         await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}")
-        if self.settings.imap.save_sent:
+        if account.imap.save_sent:
             try:
-                await append_sent(self.settings.imap, item.raw)
+                await append_sent(account.imap, item.raw)
             except BridgeError as exc:
                 logger.warning("could not save a copy in the Sent folder: %s", exc)
 
     async def _retry_or_fail(self, item: store.OutgoingRecord, error: str) -> None:
-        if datetime.now(UTC) - item.created_at.replace(tzinfo=UTC) > GIVE_UP_AFTER:
+        if datetime.now(UTC) - _aware(item.created_at) > GIVE_UP_AFTER:
             await self.db.run(store.mark_outbox, item.id, "failed", error=error)
             await self._tell(item, f"❌ Not sent after {item.attempts + 1} attempts: {error}")
             return

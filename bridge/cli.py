@@ -11,10 +11,13 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from bridge import __version__
 from bridge.errors import BridgeError, ConfigError, MailError
+
+if TYPE_CHECKING:
+    from bridge.config import AccountSettings, ImapSettings, Settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -25,16 +28,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mailbridge: error: {message}\n")
 
 
+_CONFIG_HELP = "the TOML configuration file (default: BRIDGE_CONFIG_FILE, else ./mailbridge.toml)"
+_ACCOUNT_HELP = "the account to use (default: the only one, else the first)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every command."""
     parser = _Parser(prog="mailbridge", description="Telegram <-> email bridge.")
     parser.add_argument("--version", action="version", version=f"mailbridge {__version__}")
+    parser.add_argument("--config", default=None, metavar="PATH", help=_CONFIG_HELP)
+    # Also accepted after the command; there it must not reset a value given before it.
+    common = _Parser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help=_CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("run", help="run the bridge until SIGTERM/SIGINT")
-    sub.add_parser("check", help="check the settings and log in to IMAP, SMTP and Telegram")
-    sub.add_parser("migrate", help="apply the database migrations and exit")
+    sub.add_parser("run", parents=[common], help="run the bridge until SIGTERM/SIGINT")
+    sub.add_parser("check", parents=[common], help="check the settings and log in to every server")
+    sub.add_parser("migrate", parents=[common], help="apply the database migrations and exit")
 
-    send = sub.add_parser("send", help="send one mail through the configured SMTP server")
+    send = sub.add_parser("send", parents=[common], help="send one mail through an account's SMTP")
+    send.add_argument("--account", default=None, metavar="NAME", help=_ACCOUNT_HELP)
     send.add_argument("--to", action="append", required=True, metavar="ADDR")
     send.add_argument("--cc", action="append", default=[], metavar="ADDR")
     send.add_argument("--bcc", action="append", default=[], metavar="ADDR")
@@ -44,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--body-file", default=None, metavar="PATH|-")
     send.add_argument("--attach", action="append", default=[], metavar="FILE")
 
-    export = sub.add_parser("export", help="list the mailbox as JSON (never marks mail as read)")
+    export = sub.add_parser(
+        "export", parents=[common], help="list the mailbox as JSON (never marks mail as read)"
+    )
+    export.add_argument("--account", default=None, metavar="NAME", help=_ACCOUNT_HELP)
     export.add_argument("--json", default=None, metavar="PATH", help="write here, not stdout")
     export.add_argument("--limit", type=int, default=None, metavar="N")
     export.add_argument("--mailbox", default=None, metavar="NAME")
@@ -55,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mailbridge` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.config is not None:
+            _use_config(args.config)
         return _COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"mailbridge: configuration error: {exc}", file=sys.stderr)
@@ -64,6 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _use_config(path: str) -> None:
+    """--config PATH: the same as BRIDGE_CONFIG_FILE=PATH, with an error that names the option."""
+    from bridge.config import use_config_file
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    use_config_file(path)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -110,24 +136,38 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if all(ok for ok, _, _ in results) else EXIT_FAILURE
 
 
-async def _checks(settings: Any) -> list[tuple[bool, str, str]]:
-    from telegram import Bot
-    from telegram.error import TelegramError
+async def _checks(settings: Settings) -> list[tuple[bool, str, str]]:
+    """Every account's IMAP (each watched folder) and SMTP login, then Telegram, in order."""
+    per_account = await asyncio.gather(*(_check_account(a) for a in settings.accounts))
+    results = [result for pair in per_account for result in pair]
+    results.append(await _check_telegram(settings))
+    return results
 
+
+async def _check_account(account: AccountSettings) -> list[tuple[bool, str, str]]:
+    """One line for the account's IMAP server and its folders, one for its SMTP server."""
     from bridge.mail import imap, smtp
 
     results: list[tuple[bool, str, str]] = []
-    where = f"{settings.imap.username}@{settings.imap.host}:{settings.imap.port}"
+    im, sm = account.imap, account.smtp
+    where = f"{account.name} IMAP {im.username}@{im.host}:{im.port}"
     try:
-        results.append((True, f"IMAP {where}", await imap.check_login(settings.imap)))
+        results.append((True, where, await imap.check_folders(im, list(account.folders))))
     except MailError as exc:
-        results.append((False, f"IMAP {where}", str(exc)))
-    user = settings.smtp.login[0]
-    where = f"{user}@{settings.smtp.host}:{settings.smtp.port} ({settings.smtp.security})"
+        results.append((False, where, str(exc)))
+    where = f"{account.name} SMTP {sm.login[0]}@{sm.host}:{sm.port} ({sm.security})"
     try:
-        results.append((True, f"SMTP {where}", await smtp.check_login(settings.smtp)))
+        results.append((True, where, await smtp.check_login(sm)))
     except MailError as exc:
-        results.append((False, f"SMTP {where}", str(exc)))
+        results.append((False, where, str(exc)))
+    return results
+
+
+async def _check_telegram(settings: Settings) -> tuple[bool, str, str]:
+    """getMe through the configured Bot API server."""
+    from telegram import Bot
+    from telegram.error import TelegramError
+
     api = settings.telegram.api_url
     bot = Bot(
         settings.telegram.token.get_secret_value(),
@@ -137,10 +177,9 @@ async def _checks(settings: Any) -> list[tuple[bool, str, str]]:
     try:
         async with bot:
             me = await bot.get_me()
-        results.append((True, f"Telegram {api}", f"bot @{me.username} (id {me.id})"))
     except TelegramError as exc:
-        results.append((False, f"Telegram {api}", f"getMe failed: {exc}"))
-    return results
+        return False, f"Telegram {api}", f"getMe failed: {exc}"
+    return True, f"Telegram {api}", f"bot @{me.username} (id {me.id})"
 
 
 def _read_body(args: argparse.Namespace) -> str:
@@ -169,11 +208,11 @@ def _addresses(option: str, values: list[str]) -> tuple[str, ...]:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from bridge.config import load_core, load_smtp
+    from bridge.config import load_core, load_smtp, setting_name
     from bridge.logs import setup_logging
     from bridge.mail import compose, smtp
 
-    smtp_settings = load_smtp()
+    smtp_settings = load_smtp(args.account)
     secrets = [smtp_settings.login[1]]
     setup_logging(load_core().log_level, secrets)
     attachments = []
@@ -189,8 +228,9 @@ def _send(args: argparse.Namespace) -> int:
     try:
         message_id = compose.make_message_id(sender)
     except compose.InvalidMail as exc:
-        # The sender is FROM_ADDRESS, else the SMTP login: name the variable to fix.
-        raise ConfigError(f"BRIDGE_SMTP__FROM_ADDRESS: the sender {exc}") from None
+        # The sender is FROM_ADDRESS, else the SMTP login: name the setting to fix.
+        name = setting_name("smtp.from_address", args.account)
+        raise ConfigError(f"{name}: the sender {exc}") from None
     try:
         mail = compose.OutgoingMail(
             to=_addresses("--to", args.to),
@@ -212,7 +252,7 @@ def _export(args: argparse.Namespace) -> int:
     from bridge.config import load_core, load_imap
     from bridge.logs import setup_logging
 
-    imap_settings = load_imap()
+    imap_settings = load_imap(args.account)
     if args.mailbox:
         imap_settings = imap_settings.model_copy(update={"mailbox": args.mailbox})
     if args.limit is not None and args.limit < 0:
@@ -235,7 +275,7 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _export_to(out: TextIO, settings: Any, limit: int | None) -> int:
+async def _export_to(out: TextIO, settings: ImapSettings, limit: int | None) -> int:
     """Write the JSON array batch by batch: memory stays flat for any mailbox size."""
     from bridge.mail.imap import FETCH_BATCH, ImapSession
 

@@ -273,6 +273,17 @@ class RouteSettings(BaseModel):
     def _ids(cls, value: Any) -> Any:
         return _id_list(value)
 
+    @field_validator("chats")
+    @classmethod
+    def _some_chat(cls, value: list[int] | None) -> list[int] | None:
+        """An empty list would silently drop the mail: say so instead."""
+        if value is not None and not value:
+            raise ValueError(
+                "an empty list would post the mail nowhere: name a chat, leave `chats` out "
+                "for telegram.notify_chat_ids, or set mute = true"
+            )
+        return value
+
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str | int | None) -> str | int | None:
@@ -503,6 +514,7 @@ def load_imap(account: str | None = None) -> ImapSettings:
     raw = _read_sources()
     if raw.accounts:
         return load_account(account).imap
+    _only_default(account)
     errors: list[str] = []
     imap = _validate(ImapSettings, raw.imap, "BRIDGE_IMAP__", errors)
     if imap is None:
@@ -515,6 +527,7 @@ def load_smtp(account: str | None = None) -> SmtpSettings:
     raw = _read_sources()
     if raw.accounts:
         return load_account(account).smtp
+    _only_default(account)
     errors: list[str] = []
     smtp = _validate(SmtpSettings, raw.smtp, "BRIDGE_SMTP__", errors)
     if smtp is None:
@@ -535,6 +548,23 @@ def load_smtp(account: str | None = None) -> SmtpSettings:
 
 
 _NO_TELEGRAM = TelegramSettings(token=SecretStr("0:unused"))
+
+
+def _only_default(account: str | None) -> None:
+    """Without [[accounts]] the one account is `default`: any other name is an error."""
+    if account is not None and account != DEFAULT_ACCOUNT:
+        raise ConfigError(
+            f"--account: no account named {account!r} (known: {DEFAULT_ACCOUNT}; "
+            "more accounts need [[accounts]] in the configuration file)"
+        )
+
+
+def setting_name(key: str, account: str | None = None) -> str:
+    """An account's `key` as errors name it: accounts[1].smtp.from_address, or the variable."""
+    for index, data in enumerate(_read_sources().accounts):
+        if (account is None and index == 0) or data.get("name") == account:
+            return f"accounts[{index}].{key}"
+    return "BRIDGE_" + key.replace(".", "__").upper()
 
 
 def secure_env_file(path: Path = Path(ENV_FILE)) -> bool:

@@ -1,56 +1,59 @@
-"""Mail to chat: watch the folder, summarise each new mail, post it, then remember it."""
+"""Mail to chat, the mail side: one watcher per folder: IMAP -> parse -> route -> delivery.
+
+A FolderWatcher owns one folder's cursor (UIDVALIDITY, UID). It fetches what lies above the
+cursor, summarises and routes each mail, and writes the delivery rows together with the new
+cursor in one transaction; posting is delivery.py's job. Folders within the account's
+connection budget keep their own IDLE connection; the rest share one FolderPoller, which looks
+at them with STATUS.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import getaddresses
 
 from sqlalchemy.exc import OperationalError
-from telegram import Bot, LinkPreviewOptions
-from telegram.constants import ParseMode
-from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
-from bridge.config import Settings
+from bridge.config import AccountSettings, RouteSettings
 from bridge.db import store
 from bridge.db.engine import Database
+from bridge.delivery import Delivery, topic_key
 from bridge.errors import DatabaseError, MailError, PermanentMailError
-from bridge.mail.imap import FETCH_BATCH, FetchedMail, ImapSession
+from bridge.mail.imap import FETCH_BATCH, FetchedMail, FolderState, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
-from bridge.mail.summary import render_digest, render_summary, render_unparseable
-from bridge.retry import Backoff, Stopped, retry_delay, wait_or_stop
+from bridge.mail.summary import render_summary, render_unparseable, with_origin
+from bridge.retry import Backoff, Stopped, wait_or_stop
+from bridge.routing import MailFacts, route
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class WatchStatus:
-    """What /status shows; owned by the watcher, read by the bot."""
+class FolderStatus:
+    """What /status and /healthz show of one watched folder."""
 
+    account: str
+    folder: str
     state: str = "starting"
     mode: str = ""
     last_check: datetime | None = None
     last_uid: int = 0
     posted: int = 0
+    muted: int = 0
     errors: int = 0
     last_error: str = ""
     since: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-class ChatLocks(defaultdict[int, asyncio.Lock]):
-    """One lock per chat, held while a summary is sent and recorded (mautrix PortalSendLock)."""
-
-    def __init__(self) -> None:
-        super().__init__(asyncio.Lock)
-
-
-def record_of(uid: int, mail: ParsedMail | None) -> store.MailRecord:
-    """The facts a later reply needs."""
+def record_of(uid: int, mail: ParsedMail | None, summary: str) -> store.MailRecord:
+    """The facts a later reply, digest line or re-post needs."""
     if mail is None:
-        return store.MailRecord(uid, "", "", "", "", ())
+        return store.MailRecord(uid, "", "", "", "", (), summary=summary)
     return store.MailRecord(
         uid=uid,
         message_id=mail.message_id,
@@ -58,6 +61,22 @@ def record_of(uid: int, mail: ParsedMail | None) -> store.MailRecord:
         sender=mail.from_addr,
         reply_to=", ".join(mail.reply_to),
         references=tuple(mail.references),
+        sender_name=mail.from_name,
+        summary=summary,
+    )
+
+
+def facts_of(account: str, folder: str, mail: ParsedMail | None) -> MailFacts:
+    """What routing looks at."""
+    if mail is None:
+        return MailFacts(account, folder, (), (), "")
+    senders = ((mail.from_name, mail.from_addr),) if mail.from_name or mail.from_addr else ()
+    return MailFacts(
+        account=account,
+        folder=folder,
+        senders=senders,
+        recipients=tuple(getaddresses([*mail.to, *mail.cc])),
+        subject=mail.subject,
     )
 
 
@@ -71,202 +90,224 @@ def summarise(fetched: FetchedMail, preview_chars: int) -> tuple[str, ParsedMail
         return render_unparseable(fetched.uid, fetched.size, type(exc).__name__), None
 
 
-class Watcher:
-    """The mail-to-chat loop: one IMAPS connection, IDLE or polling, reconnect with backoff."""
+class FolderWatcher:
+    """One watched folder: its cursor, its checks, and (within the budget) its connection."""
 
     def __init__(
         self,
-        settings: Settings,
+        account: AccountSettings,
+        folder: str,
+        *,
         db: Database,
-        bot: Bot,
-        status: WatchStatus | None = None,
+        delivery: Delivery,
+        routes: Sequence[RouteSettings],
+        default_chats: Sequence[int],
+        preview_chars: int,
+        digest_threshold: int,
+        origin: str = "",
         checked: asyncio.Event | None = None,
-        chat_locks: ChatLocks | None = None,
+        executor: Executor | None = None,
     ) -> None:
-        self.settings = settings
-        self.db = db
-        self.bot = bot
-        self.status = status or WatchStatus()
+        self.account, self.folder = account, folder
+        self.db, self.delivery = db, delivery
+        self.routes, self.default_chats = routes, default_chats
+        self.preview_chars, self.digest_threshold = preview_chars, digest_threshold
+        self.origin = origin
+        self.status = FolderStatus(account.name, folder)
         self.checked = checked or asyncio.Event()  # set after every check (tests, benchmarks)
-        self.chat_locks = chat_locks if chat_locks is not None else ChatLocks()
-        self._last_post: dict[int, float] = {}
+        self.executor = executor
+        self.mailbox: store.MailboxState | None = None
         self._outage = False
 
+    @property
+    def name(self) -> str:
+        """account/folder, for logs."""
+        return f"{self.account.name}/{self.folder}"
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch until stop is set; connection errors never end the loop."""
+        """Watch on an own connection until stop is set; connection errors never end it."""
         backoff = Backoff()
         while not stop.is_set():
-            session = ImapSession(self.settings.imap)
+            session = ImapSession(self.account.imap, self.folder, self.executor)
             try:
-                await self._watch(session, stop, backoff)
+                folder = await session.connect()
+                self.recovered()
+                backoff.reset()
+                self.status.mode = "IDLE" if session.can_idle else "polling"
+                await self.sync(session, folder, stop)
+                while not stop.is_set():
+                    if session.can_idle:
+                        await session.idle_wait(stop)
+                    else:
+                        if await wait_or_stop(stop, self.account.imap.poll_interval):
+                            return
+                        await session.noop()
+                    await self.check(session, stop)
             except Stopped:
                 break
             except (MailError, DatabaseError, OperationalError) as exc:
-                self.status.state, self.status.errors = "disconnected", self.status.errors + 1
-                self.status.last_error = str(exc)
-                if not self._outage:  # logged once per outage, not once per retry
-                    self._outage = True
-                    level = (
-                        logging.ERROR if isinstance(exc, PermanentMailError) else logging.WARNING
-                    )
-                    logger.log(level, "%s; retrying with backoff", exc)
+                self.failed(exc)
                 await wait_or_stop(stop, backoff.next())
             finally:
                 await session.close()
         self.status.state = "stopped"
 
-    async def _watch(self, session: ImapSession, stop: asyncio.Event, backoff: Backoff) -> None:
-        folder = await session.connect()
+    def recovered(self) -> None:
+        """The folder is reachable (again)."""
         if self._outage:
             self._outage = False
-            logger.info("IMAP connection restored")
-        backoff.reset()
-        self.status.mode = "IDLE" if session.can_idle else "polling"
+            logger.info("%s: IMAP connection restored", self.name)
         self.status.state, self.status.last_error = "connected", ""
-        mailbox = await self._mailbox_state(session, folder.uidvalidity, folder.uidnext)
-        while not stop.is_set():
-            mailbox = await self._check(session, mailbox, stop)
-            if session.can_idle:
-                await session.idle_wait(stop)
-            else:
-                if await wait_or_stop(stop, self.settings.imap.poll_interval):
-                    return
-                await session.noop()
+
+    def failed(self, exc: Exception) -> None:
+        """Record a failure; logged once per outage, not once per retry."""
+        self.status.state, self.status.errors = "disconnected", self.status.errors + 1
+        self.status.last_error = str(exc)
+        if not self._outage:
+            self._outage = True
+            level = logging.ERROR if isinstance(exc, PermanentMailError) else logging.WARNING
+            logger.log(level, "%s: %s; retrying with backoff", self.name, exc)
+
+    def unchanged(self, folder: FolderState) -> bool:
+        """True when a STATUS answer shows nothing new since the last check."""
+        return (
+            self.mailbox is not None
+            and folder.uidvalidity == self.mailbox.uidvalidity
+            and 0 < folder.uidnext <= self.mailbox.last_uid + 1
+        )
+
+    async def sync(self, session: ImapSession, folder: FolderState, stop: asyncio.Event) -> None:
+        """After a SELECT: load or start the cursor, then check."""
+        self.mailbox = await self._mailbox_state(session, folder)
+        await self.check(session, stop)
 
     async def _mailbox_state(
-        self, session: ImapSession, uidvalidity: int, uidnext: int
+        self, session: ImapSession, folder: FolderState
     ) -> store.MailboxState:
-        """The stored state; on first contact or a new UIDVALIDITY keep only BACKFILL as new."""
-        name = self.settings.imap.mailbox
-        state = await self.db.run(store.get_mailbox, session.account, name)
-        if state is not None and state.uidvalidity == uidvalidity:
+        """The stored cursor; on first contact or a new UIDVALIDITY keep only BACKFILL as new."""
+        account_id = await self.db.run(store.ensure_account, self.account.name)
+        state = await self.db.run(store.get_mailbox, account_id, self.folder)
+        if state is not None and state.uidvalidity == folder.uidvalidity:
             return state
-        backfill = self.settings.imap.backfill
-        if backfill == 0 and uidnext > 0:
-            last = uidnext - 1
+        backfill = self.account.imap.backfill
+        if backfill == 0 and folder.uidnext > 0:
+            last = folder.uidnext - 1
         else:
             uids = await session.all_uids()
             last = uids[-backfill - 1] if len(uids) > backfill else 0
         if state is None:
-            logger.info("first contact with %s: UIDs up to %d count as seen", name, last)
+            logger.info("first contact with %s: UIDs up to %d count as seen", self.name, last)
         else:
-            logger.warning("UIDVALIDITY of %s changed; UIDs up to %d count as seen", name, last)
-        return await self.db.run(store.reset_mailbox, session.account, name, uidvalidity, last)
-
-    async def _check(
-        self, session: ImapSession, mailbox: store.MailboxState, stop: asyncio.Event
-    ) -> store.MailboxState:
-        """Post every mail above the high-water mark, in UID order."""
-        uids = await session.uids_after(mailbox.last_uid)
-        self.status.last_check = datetime.now(UTC)
-        last = mailbox.last_uid
-        if len(uids) >= self.settings.telegram.digest_threshold:
-            last = await self._post_digest(session, mailbox, uids, stop)
-            uids = []
-        for start in range(0, len(uids), FETCH_BATCH):
-            batch = uids[start : start + FETCH_BATCH]
-            for fetched in await session.fetch(batch):
-                if stop.is_set():
-                    raise Stopped
-                await self._post(mailbox, fetched, stop)
-            # A UID expunged between SEARCH and FETCH has nothing to post; don't ask again.
-            last = batch[-1]
-            await self.db.persist(store.advance, mailbox.id, last)
-        self.status.last_uid = max(self.status.last_uid, last)
-        self.checked.set()
-        return store.MailboxState(mailbox.id, mailbox.uidvalidity, last)
-
-    async def _post(
-        self, mailbox: store.MailboxState, fetched: FetchedMail, stop: asyncio.Event
-    ) -> None:
-        text, mail = summarise(fetched, self.settings.telegram.preview_chars)
-        record = record_of(fetched.uid, mail)
-        done = await self.db.run(store.posted_chats, mailbox.id, mailbox.uidvalidity, fetched.uid)
-        for chat_id in self.settings.telegram.notify_chats:
-            if chat_id in done:
-                continue
-            # Held from send to record: a reply to this summary waits for its row (replies.py).
-            async with self.chat_locks[chat_id]:
-                message_id = await self.send(chat_id, text, stop)
-                if message_id is not None:
-                    # Only after Telegram accepted it: a crash before this line posts it again.
-                    await self.db.persist(
-                        store.record_summary,
-                        mailbox.id,
-                        mailbox.uidvalidity,
-                        record,
-                        chat_id,
-                        message_id,
-                    )
-        await self.db.persist(store.advance, mailbox.id, fetched.uid)
-        self.status.posted += 1
-        logger.info(
-            "posted mail uid %d to %d chat(s)",
-            fetched.uid,
-            len(self.settings.telegram.notify_chats),
+            logger.warning(
+                "UIDVALIDITY of %s changed; UIDs up to %d count as seen", self.name, last
+            )
+        return await self.db.run(
+            store.reset_mailbox, account_id, self.folder, folder.uidvalidity, last
         )
 
-    async def _post_digest(
+    async def check(self, session: ImapSession, stop: asyncio.Event) -> None:
+        """Hand every mail above the cursor to delivery, in UID order, batch by batch."""
+        mailbox = self.mailbox
+        if mailbox is None:
+            raise PermanentMailError(f"{self.name}: checked before it was opened")
+        uids = await session.uids_after(mailbox.last_uid)
+        self.status.last_check = datetime.now(UTC)
+        if uids:
+            muted = await self.db.run(store.muted_addresses)
+            # A burst: headers only (a digest line each), never hundreds of full fetches.
+            burst = len(uids) >= self.digest_threshold
+            for start in range(0, len(uids), FETCH_BATCH):
+                if stop.is_set():
+                    raise Stopped
+                batch = uids[start : start + FETCH_BATCH]
+                items: list[tuple[int, str, ParsedMail | None]]
+                if burst:
+                    mails = [(uid, parse_mail(raw)) for uid, raw in await session.headers(batch)]
+                    items = [(uid, render_summary(m, preview_chars=0), m) for uid, m in mails]
+                else:
+                    items = [
+                        (f.uid, *summarise(f, self.preview_chars))
+                        for f in await session.fetch(batch)
+                    ]
+                await self._record(mailbox, items, muted, batch[-1])
+        self.status.last_uid = self.mailbox.last_uid if self.mailbox else 0
+        self.checked.set()
+
+    async def _record(
         self,
-        session: ImapSession,
         mailbox: store.MailboxState,
-        uids: list[int],
-        stop: asyncio.Event,
-    ) -> int:
-        """A burst of new mail becomes one digest message instead of hundreds."""
-        headers = await session.headers(uids)
-        mails = [(uid, parse_mail(raw)) for uid, raw in headers]
-        text = render_digest(mails)
-        for chat_id in self.settings.telegram.notify_chats:
-            await self.send(chat_id, text, stop)
-        last = uids[-1]
-        await self.db.persist(store.advance, mailbox.id, last)
-        self.status.posted += len(uids)
-        logger.info("posted a digest of %d mails", len(uids))
-        return last
+        items: list[tuple[int, str, ParsedMail | None]],
+        muted: set[str],
+        up_to: int,
+    ) -> None:
+        """Route a batch and write its delivery rows with the cursor, in one transaction."""
+        entries: list[tuple[store.MailRecord, list[tuple[int, str]]]] = []
+        for uid, summary, mail in items:
+            facts = facts_of(self.account.name, self.folder, mail)
+            decision = route(facts, self.routes, self.default_chats, muted)
+            destinations = [
+                (self.delivery.current_chat(d.chat_id), topic_key(d.topic))
+                for d in decision.destinations
+            ]
+            if decision.muted:
+                self.status.muted += 1
+                logger.info("%s: mail uid %d not posted (%s)", self.name, uid, decision.reason)
+            else:
+                self.status.posted += 1
+            entries.append((record_of(uid, mail, with_origin(summary, self.origin)), destinations))
+        # A UID expunged between SEARCH and FETCH has nothing to post; don't ask again.
+        await self.db.persist(store.record_mails, mailbox.id, mailbox.uidvalidity, entries, up_to)
+        self.mailbox = store.MailboxState(mailbox.id, mailbox.uidvalidity, up_to)
+        self.delivery.wake()
 
-    async def send(self, chat_id: int, text: str, stop: asyncio.Event) -> int | None:
-        """Send one message, retrying transient failures until it is accepted or stop is set.
 
-        Returns the Telegram message id, or None when Telegram refused the chat for good
-        (bot removed from the group, chat gone).
-        """
+class FolderPoller:
+    """Folders beyond the account's connection budget: one connection, STATUS each in turn."""
+
+    def __init__(
+        self, account: AccountSettings, watchers: list[FolderWatcher], executor: Executor | None
+    ) -> None:
+        self.account, self.watchers, self.executor = account, watchers, executor
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every POLL_INTERVAL until stop is set; reconnect with backoff."""
         backoff = Backoff()
-        parse_mode: str | None = ParseMode.HTML
-        # Bot API FAQ: about one message per second per chat; groups are also held to 20 a
-        # minute by PTB's AIORateLimiter.
-        pause = self._last_post.get(chat_id, -1e9) + self.settings.telegram.chat_interval
-        if pause > time.monotonic() and await wait_or_stop(stop, pause - time.monotonic()):
-            raise Stopped
-        while True:
+        while not stop.is_set():
+            session = ImapSession(self.account.imap, self.watchers[0].folder, self.executor)
             try:
-                message = await self.bot.send_message(
-                    chat_id,
-                    text,
-                    parse_mode=parse_mode,
-                    link_preview_options=LinkPreviewOptions(is_disabled=True),
-                )
-                self._last_post[chat_id] = time.monotonic()
-                return message.message_id
-            except RetryAfter as exc:
-                delay = retry_delay(exc)
-            except BadRequest as exc:
-                if "parse entities" in exc.message.lower() and parse_mode is not None:
-                    logger.warning(
-                        "Telegram refused the HTML of a summary; sending it as plain text"
-                    )
-                    parse_mode = None
-                    continue
-                logger.error("Telegram refused a message to chat %s: %s", chat_id, exc.message)
-                self.status.errors += 1
-                return None
-            except Forbidden as exc:
-                logger.error("Telegram refused chat %s: %s", chat_id, exc.message)
-                self.status.errors += 1
-                return None
-            except (NetworkError, TelegramError) as exc:
-                delay = backoff.next()
-                reason = str(exc).splitlines()[0][:100]
-                logger.warning("Telegram unavailable (%s); retrying in %.1f s", reason, delay)
-            if await wait_or_stop(stop, delay):
-                raise Stopped
+                await session.connect()
+                backoff.reset()
+                while not stop.is_set():
+                    for watcher in self.watchers:
+                        await self._visit(session, watcher, stop)
+                    if await wait_or_stop(stop, self.account.imap.poll_interval):
+                        return
+            except Stopped:
+                break
+            except (MailError, DatabaseError, OperationalError) as exc:
+                for watcher in self.watchers:
+                    watcher.failed(exc)
+                await wait_or_stop(stop, backoff.next())
+            finally:
+                await session.close()
+        for watcher in self.watchers:
+            watcher.status.state = "stopped"
+
+    async def _visit(
+        self, session: ImapSession, watcher: FolderWatcher, stop: asyncio.Event
+    ) -> None:
+        """STATUS; SELECT and check only when the folder changed. A missing folder is that
+        folder's problem, not the others'."""
+        watcher.status.mode = "polled (STATUS)"
+        try:
+            folder = await session.folder_status(watcher.folder)
+            if watcher.unchanged(folder):
+                watcher.recovered()
+                watcher.status.last_check = datetime.now(UTC)
+                watcher.checked.set()
+                return
+            selected = await session.select(watcher.folder)
+            watcher.recovered()
+            await watcher.sync(session, selected, stop)
+        except PermanentMailError as exc:
+            watcher.failed(exc)

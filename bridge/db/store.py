@@ -109,46 +109,47 @@ def advance(session: Session, mailbox_id: int, uid: int) -> None:
         row.last_uid, row.updated_at = uid, utcnow()
 
 
-def record_mail(
+def record_mails(
     session: Session,
-    mailbox: MailboxState,
-    record: MailRecord,
-    destinations: Sequence[tuple[int, str]],
-) -> bool:
-    """Hand a mail to delivery: one pending row per (chat, topic), and the cursor past it.
+    mailbox_id: int,
+    uidvalidity: int,
+    entries: Sequence[tuple[MailRecord, Sequence[tuple[int, str]]]],
+    up_to_uid: int,
+) -> None:
+    """Hand mails to delivery: one pending row per (chat, topic), and the cursor past them.
 
-    In one transaction, so a crash either leaves the mail unseen or queued, never lost.
-    Returns False when this mail was already recorded (a repeat after a crash).
+    In one transaction, so a crash leaves each mail either unseen or queued, never lost. A mail
+    recorded before (a repeat after a crash) is not queued again.
     """
-    advance(session, mailbox.id, record.uid)
-    if not destinations:
-        return True
-    seen = session.scalar(
-        select(PostedMail.id).where(
-            PostedMail.mailbox_id == mailbox.id,
-            PostedMail.uidvalidity == mailbox.uidvalidity,
-            PostedMail.uid == record.uid,
+    for record, destinations in entries:
+        if not destinations:
+            continue  # muted: seen, posted nowhere
+        seen = session.scalar(
+            select(PostedMail.id).where(
+                PostedMail.mailbox_id == mailbox_id,
+                PostedMail.uidvalidity == uidvalidity,
+                PostedMail.uid == record.uid,
+            )
         )
-    )
-    if seen is not None:
-        return False
-    mail = PostedMail(
-        mailbox_id=mailbox.id,
-        uidvalidity=mailbox.uidvalidity,
-        uid=record.uid,
-        message_id=record.message_id,
-        subject=record.subject,
-        sender=record.sender,
-        sender_name=record.sender_name,
-        reply_to=record.reply_to,
-        references=" ".join(record.references),
-        summary=record.summary,
-    )
-    session.add(mail)
-    session.flush()
-    for chat_id, topic in dict.fromkeys(destinations):
-        session.add(Delivery(posted_mail_id=mail.id, chat_id=chat_id, topic=topic))
-    return True
+        if seen is not None:
+            continue
+        mail = PostedMail(
+            mailbox_id=mailbox_id,
+            uidvalidity=uidvalidity,
+            uid=record.uid,
+            message_id=record.message_id,
+            subject=record.subject,
+            sender=record.sender,
+            sender_name=record.sender_name,
+            reply_to=record.reply_to,
+            references=" ".join(record.references),
+            summary=record.summary,
+        )
+        session.add(mail)
+        session.flush()
+        for chat_id, topic in dict.fromkeys(destinations):
+            session.add(Delivery(posted_mail_id=mail.id, chat_id=chat_id, topic=topic))
+    advance(session, mailbox_id, up_to_uid)
 
 
 def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
@@ -257,7 +258,7 @@ def move_chat(session: Session, old_chat_id: int, new_chat_id: int) -> None:
 def chat_migrations(session: Session) -> dict[int, int]:
     """Old group id -> new supergroup id, for every migration seen."""
     rows = session.execute(select(ChatMigration.old_chat_id, ChatMigration.new_chat_id))
-    return dict(rows.tuples().all())
+    return {int(old): int(new) for old, new in rows.all()}
 
 
 def get_topic(session: Session, chat_id: int, name: str) -> int | None:

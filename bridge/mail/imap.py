@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from bridge.config import ImapSettings
 from bridge.errors import PermanentMailError, TemporaryMailError
@@ -91,19 +93,24 @@ class ImapSession:
     Every public coroutine runs the blocking imapclient call in a worker thread.
     """
 
-    def __init__(self, settings: ImapSettings) -> None:
+    def __init__(
+        self,
+        settings: ImapSettings,
+        folder: str | None = None,
+        executor: Executor | None = None,
+    ) -> None:
         self.settings = settings
+        self.folder = folder or settings.mailbox
+        # Blocking IMAP calls (an IDLE wait lasts a second) run in their own pool, so that
+        # many idling folders never starve the database's worker threads.
+        self.executor = executor
         self._client: IMAPClient | None = None
         self._idling = False
 
-    @property
-    def account(self) -> str:
-        """The key under which the database remembers this mailbox."""
-        return f"{self.settings.username}@{self.settings.host}:{self.settings.port}"
-
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
         except (PermanentMailError, TemporaryMailError):
             raise
         except Exception as exc:
@@ -127,8 +134,9 @@ class ImapSession:
             try:
                 return self._select()
             except IMAPClientError as exc:
-                folder = self.settings.mailbox
-                raise PermanentMailError(f"cannot open folder {folder}: {_text(exc)}") from exc
+                raise PermanentMailError(
+                    f"cannot open folder {self.folder}: {_text(exc)}"
+                ) from exc
         except Exception:
             self._client = None
             _shutdown(client)
@@ -136,7 +144,7 @@ class ImapSession:
 
     def _select(self) -> FolderState:
         # readonly=True is EXAMINE: nothing we do can set \Seen or expunge.
-        info = self.client.select_folder(self.settings.mailbox, readonly=True)
+        info = self.client.select_folder(self.folder, readonly=True)
         return FolderState(
             uidvalidity=int(info.get(b"UIDVALIDITY", 0)),
             uidnext=int(info.get(b"UIDNEXT", 0)),
@@ -150,6 +158,36 @@ class ImapSession:
     async def reselect(self) -> FolderState:
         """Select again (fresh UIDVALIDITY/UIDNEXT)."""
         return await self._call(self._select)
+
+    async def select(self, folder: str) -> FolderState:
+        """Switch to another folder, read-only (the poller of folders beyond the budget)."""
+        self.folder = folder
+        return await self._call(self._select_or_refuse)
+
+    def _select_or_refuse(self) -> FolderState:
+        try:
+            return self._select()
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:  # NO: the folder is missing or not selectable
+            raise PermanentMailError(f"cannot open folder {self.folder}: {_text(exc)}") from exc
+
+    def _status(self, folder: str) -> FolderState:
+        try:
+            info = self.client.folder_status(folder, [b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"])
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:  # NO: the folder is missing
+            raise PermanentMailError(f"cannot open folder {folder}: {_text(exc)}") from exc
+        return FolderState(
+            uidvalidity=int(info.get(b"UIDVALIDITY", 0)),
+            uidnext=int(info.get(b"UIDNEXT", 0)),
+            exists=int(info.get(b"MESSAGES", 0)),
+        )
+
+    async def folder_status(self, folder: str) -> FolderState:
+        """STATUS of a folder without selecting it: one round trip tells whether it changed."""
+        return await self._call(self._status, folder)
 
     @property
     def can_idle(self) -> bool:
@@ -262,7 +300,7 @@ class ImapSession:
         """Log out (best effort) and drop the connection."""
         client, self._client, self._idling = self._client, None, False
         if client is not None:
-            await asyncio.to_thread(_logout, client)
+            await asyncio.get_running_loop().run_in_executor(self.executor, _logout, client)
 
 
 def _login(settings: ImapSettings) -> IMAPClient:
@@ -348,6 +386,18 @@ async def check_login(settings: ImapSettings) -> str:
         await session.close()
 
 
+async def newest_headers(
+    settings: ImapSettings, folder: str, count: int
+) -> list[tuple[int, bytes]]:
+    """(uid, a few header fields) of a folder's newest messages, newest first (read-only)."""
+    session = ImapSession(settings, folder)
+    try:
+        await session.connect()
+        return await session.newest_headers(count)
+    finally:
+        await session.close()
+
+
 def _append_sent(settings: ImapSettings, raw: bytes) -> str | None:
     client = _login(settings)
     try:
@@ -367,5 +417,34 @@ async def append_sent(settings: ImapSettings, raw: bytes) -> str | None:
     SPECIAL-USE \\Sent folder); returns the folder, or None when there is none."""
     try:
         return await asyncio.to_thread(_append_sent, settings, raw)
+    except Exception as exc:
+        raise classify(exc) from exc
+
+
+def _check_folders(settings: ImapSettings, folders: list[str]) -> str:
+    client = _login(settings)
+    try:
+        # Read before SELECT, which drops the capabilities the LOGIN answer carried.
+        idle = "IDLE" if client.has_capability("IDLE") else "no IDLE"
+        counts: list[str] = []
+        for folder in folders:
+            try:
+                info = client.select_folder(folder, readonly=True)
+            except IMAPClientError as exc:
+                raise PermanentMailError(f"cannot open folder {folder}: {_text(exc)}") from exc
+            exists = int(info.get(b"EXISTS", 0))
+            noun = "" if counts else " message" if exists == 1 else " messages"
+            counts.append(f"{exists}{noun} in {folder}")
+        return ", ".join([*counts, idle])
+    finally:
+        _logout(client)
+
+
+async def check_folders(settings: ImapSettings, folders: list[str]) -> str:
+    """Log in once, open each folder read-only: "12 messages in INBOX, 3 in Lists, IDLE"."""
+    try:
+        return await asyncio.to_thread(_check_folders, settings, folders)
+    except PermanentMailError:
+        raise
     except Exception as exc:
         raise classify(exc) from exc

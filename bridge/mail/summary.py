@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import re
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from bridge.mail.parse import ParsedMail
 
@@ -150,20 +152,66 @@ def render_unparseable(uid: int, size: int | None, reason: str) -> str:
     )
 
 
-def render_digest(mails: Sequence[tuple[int, ParsedMail]]) -> str:
-    """One message for a burst of new mails: a line per mail (sender: subject), as many as fit."""
-    count = len(mails)
+@dataclass(frozen=True)
+class BatchLine:
+    """One mail in a combined message: who sent it and what about."""
+
+    sender_name: str
+    sender: str
+    subject: str
+
+
+COMBINED_LISTED = 10  # mails listed (each with a button) in one combined message
+
+
+def _who(line: BatchLine) -> str:
+    return _one_line(line.sender_name) or _one_line(line.sender) or "(unknown sender)"
+
+
+def render_batch(lines: Sequence[BatchLine], origin: str = "") -> str:
+    """One message for mails that waited for the same chat, oldest first.
+
+    Up to COMBINED_LISTED numbered lines (the newest, when there are more), and for a larger
+    backlog the busiest senders with their counts.
+    """
+    count = len(lines)
     title = f"📬 <b>{count} new mail{'' if count == 1 else 's'}</b>"
-    lines: list[str] = []
-    used = _utf16(title)
-    for shown, (_uid, mail) in enumerate(mails):
-        sender = _one_line(mail.from_name) or _one_line(mail.from_addr) or "(unknown sender)"
-        subject = _one_line(mail.subject) or "(no subject)"
-        line = f"• {_esc(_shorten(sender, 60))}: {_esc(_shorten(subject, 120))}"
-        # Keep room for the "+N more" line that replaces whatever does not fit.
-        if used + 1 + _utf16(line) > MAX_MESSAGE - 30:
-            lines.append(f"+{count - shown} more")
-            break
-        lines.append(line)
-        used += 1 + _utf16(line)
-    return "\n".join([title, *lines])
+    if origin:
+        title += f" · {_esc(_shorten(_one_line(origin), 60))}"
+    shown = lines[-COMBINED_LISTED:]
+    first = count - len(shown) + 1
+    body = [
+        f"{first + n}. {_esc(_shorten(_who(line), 60))}: "
+        f"{_esc(_shorten(_one_line(line.subject) or '(no subject)', 120))}"
+        for n, line in enumerate(shown)
+    ]
+    parts = [title]
+    if count > len(shown):
+        parts.append(f"<i>Newest {len(shown)}:</i>")
+    parts += body
+    if count > len(shown):
+        senders = Counter(_one_line(line.sender) or _who(line) for line in lines)
+        busiest = ", ".join(
+            f"{_esc(_shorten(who, 60))} ({n})" for who, n in senders.most_common(5)
+        )
+        parts.append(f"<i>Busiest senders:</i> {busiest}")
+    # At most ~2,500 units: 10 lines of <= 190 and 5 senders of <= 70 (escaped, UTF-16).
+    return "\n".join(parts)
+
+
+def batch_line_label(number: int, line: BatchLine) -> str:
+    """The button under a combined message that opens one mail's summary."""
+    return f"{number}. {_shorten(_who(line), 24, escaped=False)}"
+
+
+def plain_text(markup: str) -> str:
+    """Our Telegram HTML as plain text: for when Telegram refuses the HTML."""
+    return html.unescape(re.sub(r"<[^>]*>", "", markup))
+
+
+def with_origin(summary: str, origin: str) -> str:
+    """A summary with a line naming the account (and folder) it came to."""
+    if not origin:
+        return summary
+    line = f"📥 {_esc(_shorten(_one_line(origin), 80))}\n"
+    return line + summary if _utf16(line + summary) <= MAX_MESSAGE else summary

@@ -15,12 +15,13 @@ from telegram.ext import (
     ApplicationBuilder,
     CommandHandler,
     ContextTypes,
+    ExtBot,
     MessageHandler,
     TypeHandler,
     filters,
 )
 
-from bridge.config import Settings
+from bridge.config import TelegramSettings
 from bridge.telegram import commands
 from bridge.telegram.access import Gate
 from bridge.telegram.deps import Deps
@@ -83,13 +84,24 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
             logger.debug("could not report an error to the chat", exc_info=True)
 
 
+def make_bot(telegram: TelegramSettings) -> ExtBot[int]:
+    """The bot, for the Bot API server in the settings, with PTB's rate limiter."""
+    api = telegram.api_url
+    return ExtBot(
+        telegram.token.get_secret_value(),
+        base_url=f"{api}/bot",
+        base_file_url=f"{api}/file/bot",
+        rate_limiter=AIORateLimiter(max_retries=3),
+    )
+
+
 def build_application(
-    settings: Settings, dependencies: Deps
+    telegram: TelegramSettings, bot: ExtBot[int], dependencies: Deps
 ) -> Application[Any, Any, Any, Any, Any, Any]:
-    """The one place that touches the builder and adds handlers (order matters)."""
+    """The one place that builds the Application and adds handlers (order matters)."""
+    from bridge.telegram import open as open_mail
     from bridge.telegram import replies, send
 
-    api = settings.telegram.api_url
     table = command_table()
 
     async def set_commands(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
@@ -98,23 +110,19 @@ def build_application(
 
     application = (
         ApplicationBuilder()
-        .token(settings.telegram.token.get_secret_value())
-        .base_url(f"{api}/bot")
-        .base_file_url(f"{api}/file/bot")
-        .rate_limiter(AIORateLimiter(max_retries=3))
+        .bot(bot)
         .post_init(set_commands)
         .updater(None)  # polling.py confirms updates only after handling them
         .build()
     )
-    gate = Gate(settings.telegram.allowed_user_ids)
-    dependencies.gate = gate
+    gate = Gate(telegram.allowed_user_ids)
     application.bot_data["deps"] = dependencies
     application.bot_data["help"] = help_text(table)
 
     # 1. The gate, before everything else.
     application.add_handler(TypeHandler(Update, gate), group=-1)
     # 2. The /send dialogue (it owns /send and /cancel while active).
-    application.add_handler(send.conversation(settings.telegram.send_dialogue_timeout))
+    application.add_handler(send.conversation(telegram.send_dialogue_timeout))
     # 3. Plain commands from the table.
     for command in table:
         if command.callback is not None and command.name != "cancel":
@@ -122,6 +130,7 @@ def build_application(
     # 4. Replies to posted mail; then anything else that looks like a command.
     application.add_handler(CommandHandler("cancel", send.cancel))
     application.add_handler(replies.handler())
+    application.add_handler(open_mail.handler())
     application.add_handler(MessageHandler(filters.COMMAND, unknown_command))
     application.add_error_handler(on_error)
     return application

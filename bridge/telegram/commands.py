@@ -10,10 +10,12 @@ from telegram import Update
 from telegram.constants import ParseMode
 from telegram.ext import ContextTypes
 
+from bridge.config import Settings
 from bridge.db import store
 from bridge.errors import MailError
-from bridge.mail.imap import ImapSession
+from bridge.mail.imap import newest_headers
 from bridge.mail.parse import parse_mail
+from bridge.mail_to_chat import FolderStatus
 from bridge.telegram.deps import deps
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         return
     await message.reply_text(
         f"👋 Hello {html.escape(user.first_name)}. This bot brings the mail of "
-        f"<b>{html.escape(deps(context).settings.imap.username)}</b> to Telegram.\n"
+        f"<b>{html.escape(_accounts(deps(context).settings))}</b> to Telegram.\n"
         f"Your user id is <code>{user.id}</code>, this chat is <code>{chat.id}</code>; "
         "you are on the allow-list.\n/help lists the commands.",
         parse_mode=ParseMode.HTML,
@@ -56,24 +58,43 @@ def _ago(moment: datetime | None) -> str:
     return f"{seconds // 3600} h ago"
 
 
+STATUS_FOLDERS = 30  # /status lists this many folders, then counts the rest
+
+
+def _accounts(settings: Settings) -> str:
+    return ", ".join(a.imap.username for a in settings.accounts)
+
+
+def _folder_line(f: FolderStatus) -> str:
+    state = html.escape(f.state) + (f" ({html.escape(f.mode)})" if f.mode else "")
+    line = (
+        f"• {html.escape(f.account)}/{html.escape(f.folder)}: {state}, checked "
+        f"{_ago(f.last_check)}, last UID {f.last_uid}, {f.posted} posted"
+    )
+    if f.muted:
+        line += f", {f.muted} muted"
+    if f.last_error:
+        line += f"\n  ⚠️ {html.escape(f.last_error[:200])}"
+    return line
+
+
 async def status(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Connection state, last check, last UID, mails posted, errors."""
+    """Each folder's connection and last check, chats Telegram refuses, counts, the outbox."""
     d = deps(context)
-    s = d.status
     posted_total = await d.db.run(store.count_posted)
-    lines = [
-        "<b>Status</b>",
-        f"IMAP: {html.escape(s.state)}" + (f" ({html.escape(s.mode)})" if s.mode else ""),
-        f"Mailbox: {html.escape(d.settings.imap.mailbox)}",
-        f"Last check: {_ago(s.last_check)}",
-        f"Last UID: {s.last_uid}",
-        f"Mails posted: {s.posted} since start, {posted_total} in all",
-        f"Errors: {s.errors}",
-    ]
-    if s.last_error:
-        lines.append(f"Last error: {html.escape(s.last_error)}")
-    if d.outbox is not None:
-        lines.append(f"Outbox: {await d.outbox.describe()}")
+    lines = ["<b>Status</b>", "<b>Folders</b>"]
+    lines += [_folder_line(f) for f in d.folders[:STATUS_FOLDERS]]
+    if len(d.folders) > STATUS_FOLDERS:
+        lines.append(f"+{len(d.folders) - STATUS_FOLDERS} more folders")
+    problems = [(chat, s) for chat, s in d.delivery.chats.items() if s.problem]
+    if problems:
+        lines.append("<b>Chats Telegram refuses</b> (their mail waits and is retried)")
+        lines += [
+            f"• {chat}: {html.escape(s.problem[:200])} (since {_ago(s.since)})"
+            for chat, s in problems[:10]
+        ]
+    lines.append(f"Mails posted: {posted_total} in all")
+    lines.append(f"Outbox: {await d.outbox.describe()}")
     if update.effective_message is not None:
         await update.effective_message.reply_text(
             "\n".join(lines), parse_mode=ParseMode.HTML, do_quote=False
@@ -92,20 +113,17 @@ async def inbox(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         )
         return
     count = int(args[0]) if args else INBOX_DEFAULT
-    settings = deps(context).settings
-    session = ImapSession(settings.imap)
+    account = deps(context).settings.account()
+    folder = account.folders[0]
     try:
-        await session.connect()
-        headers = await session.newest_headers(count)
+        headers = await newest_headers(account.imap, folder, count)
     except MailError as exc:
         await message.reply_text(f"Could not read the mailbox: {exc}", do_quote=False)
         return
-    finally:
-        await session.close()
     if not headers:
         await message.reply_text("The mailbox is empty.", do_quote=False)
         return
-    lines = [f"<b>Newest {len(headers)} in {html.escape(settings.imap.mailbox)}</b>"]
+    lines = [f"<b>Newest {len(headers)} in {html.escape(folder)}</b>"]
     for _uid, raw in headers:
         mail = parse_mail(raw)
         when = mail.date.strftime("%d %b %H:%M") if mail.date else "—"

@@ -12,20 +12,20 @@ from bridge.db.engine import Database
 
 if TYPE_CHECKING:
     from bridge.chat_to_mail import Outbox
-    from bridge.mail_to_chat import ChatLocks, WatchStatus
-    from bridge.telegram.access import Gate
+    from bridge.delivery import ChatLocks, Delivery
+    from bridge.mail_to_chat import FolderStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class Deps:
-    """Settings, database, the watcher's status and chat locks, the outbox and the gate."""
+    """Settings, database, each folder's status, delivery, its chat locks and the outbox."""
 
     settings: Settings
     db: Database
-    status: WatchStatus
+    folders: tuple[FolderStatus, ...]
+    delivery: Delivery
     chat_locks: ChatLocks
-    outbox: Outbox | None = None
-    gate: Gate | None = None
+    outbox: Outbox
 
 
 def deps(context: ContextTypes.DEFAULT_TYPE) -> Deps:

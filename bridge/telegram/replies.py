@@ -1,11 +1,12 @@
-"""A Telegram reply to a posted mail becomes an email reply to its sender."""
+"""A Telegram reply to a posted mail becomes an email reply to its sender, through its account."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from telegram import Update
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
 from telegram.ext import ContextTypes, MessageHandler, filters
 
 from bridge.db import store
@@ -25,6 +26,47 @@ NOT_A_MAIL = (
     "I can only answer mail by a reply to one of my new-mail messages in this chat; "
     "this one is not. Use /send to write a new mail."
 )
+WHICH_MAIL = "This message shows several mails: open the one you answer, then reply to it."
+OPEN_BUTTON = "open:"
+# Telegram shows about this many characters of a button; an inline keyboard has at most 100.
+BUTTON_LABEL = 60
+MAX_CHOICES = 30
+
+
+def replies_to_topic(message: Message) -> bool:
+    """True when a message in a forum topic replied to nothing.
+
+    Telegram gives such a message the topic's creation message as `reply_to_message`.
+    """
+    original = message.reply_to_message
+    if original is None:
+        return False
+    return original.forum_topic_created is not None or bool(
+        message.is_topic_message and original.message_id == message.message_thread_id
+    )
+
+
+def choice_label(mail: store.ShownMail) -> str:
+    """A button label: sender and subject, cut to what a phone shows."""
+    record = mail.record
+    sender = record.sender_name or record.sender or "?"
+    label = " ".join(f"{sender}: {record.subject or '(no subject)'}".split())
+    return label if len(label) <= BUTTON_LABEL else label[: BUTTON_LABEL - 1] + "…"
+
+
+def choices(mails: Sequence[store.ShownMail]) -> InlineKeyboardMarkup:
+    """One `open:<id>` button per mail (the newest MAX_CHOICES)."""
+    shown = list(mails)[-MAX_CHOICES:]
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(
+                    choice_label(m), callback_data=f"{OPEN_BUTTON}{m.posted_mail_id}"
+                )
+            ]
+            for m in shown
+        ]
+    )
 
 
 async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -32,15 +74,22 @@ async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     message, chat = update.effective_message, update.effective_chat
     if message is None or chat is None or message.reply_to_message is None:
         return
+    if replies_to_topic(message):
+        return  # a plain message in a forum topic: not a reply at all
     original = message.reply_to_message
     if original.from_user is None or original.from_user.id != context.bot.id:
         return  # people answering each other in a group: not for us
     d = deps(context)
     async with d.chat_locks[chat.id]:  # a summary being recorded right now is found
-        record = await d.db.run(store.find_by_summary, chat.id, original.message_id)
-    if record is None:
+        shown = await d.db.run(store.find_by_summary, chat.id, original.message_id)
+    if not shown:
         await message.reply_text(NOT_A_MAIL, do_quote=False)
         return
+    if len(shown) > 1:
+        await message.reply_text(WHICH_MAIL, reply_markup=choices(shown), do_quote=False)
+        return
+    (mail_shown,) = shown
+    record = mail_shown.record
     try:
         to = parse_addresses(record.reply_to or record.sender)
         attachments = await attachments_of(message)
@@ -63,7 +112,7 @@ async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     except AttachmentError as exc:
         await message.reply_text(str(exc), do_quote=False)
         return
-    await submit(update, context, mail, message.message_id)
+    await submit(update, context, mail, message.message_id, account=mail_shown.account)
 
 
 def handler() -> MessageHandler[Any, Any]:

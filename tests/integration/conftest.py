@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from bridge import app
-from bridge.config import CoreSettings, ImapSettings, Settings, SmtpSettings, TelegramSettings
+from bridge.config import (
+    AccountSettings,
+    CoreSettings,
+    ImapSettings,
+    RouteSettings,
+    Settings,
+    SmtpSettings,
+    TelegramSettings,
+)
 
 OWNER = 4242  # the allowed user; also the notify chat (private chat id == user id)
 
@@ -28,8 +36,14 @@ def make_settings(
     telegram: dict[str, Any] | None = None,
     imap: dict[str, Any] | None = None,
     smtp: dict[str, Any] | None = None,
+    accounts: list[AccountSettings] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    folders: list[str] | None = None,
 ) -> Settings:
-    """Settings pointing at the test servers; nothing read from the environment or .env."""
+    """Settings pointing at the test servers; nothing read from the environment or .env.
+
+    Without `accounts`, one account `default` for `user` (as the environment variables make).
+    """
     # chat_interval 0: tests post many mails quickly; test_faults_telegram checks the pacing.
     tg = {
         "token": botapi.token,
@@ -53,11 +67,49 @@ def make_settings(
     else:
         sm.update(username=user.name, password=user.password)
     sm.update(smtp or {})
+    if accounts is None:
+        accounts = [
+            AccountSettings(
+                name="default",
+                folders=folders or [],
+                imap=ImapSettings(**im),
+                smtp=SmtpSettings(**sm),
+            )
+        ]
     return Settings(
-        core=CoreSettings(_env_file=None, database_url=f"sqlite:///{tmp_path}/bridge.db"),
-        telegram=TelegramSettings(_env_file=None, **tg),
-        imap=ImapSettings(_env_file=None, **im),
-        smtp=SmtpSettings(_env_file=None, **sm),
+        core=CoreSettings(database_url=f"sqlite:///{tmp_path}/bridge.db"),
+        telegram=TelegramSettings(**tg),
+        accounts=tuple(accounts),
+        routes=tuple(RouteSettings.model_validate(r) for r in routes or []),
+    )
+
+
+def make_account(
+    name: str,
+    *,
+    dovecot: Any,
+    user: Any,
+    ca_file: Path,
+    smtpd: Any = None,
+    folders: list[str] | None = None,
+    imap: dict[str, Any] | None = None,
+    smtp: dict[str, Any] | None = None,
+) -> AccountSettings:
+    """One more account on the test servers (the SMTP login is the IMAP user's unless given)."""
+    im: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": dovecot.port,
+        "username": user.name,
+        "password": user.password,
+        "ca_file": ca_file,
+        "poll_interval": 0.5,
+    }
+    im.update(imap or {})
+    sm: dict[str, Any] = {"host": "127.0.0.1", "port": smtpd.port if smtpd else 1}
+    sm["ca_file"] = ca_file
+    sm.update(smtp or {})
+    return AccountSettings(
+        name=name, folders=folders or [], imap=ImapSettings(**im), smtp=SmtpSettings(**sm)
     )
 
 

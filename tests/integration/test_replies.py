@@ -122,9 +122,10 @@ async def test_reply_from_another_chat_does_not_resolve(
     group = -100555
     async with running(reply_settings) as bridge:
         await bridge.ready()
-        dovecot.append(mail_user.name, mail_user.password, original("One"))
-        dovecot.append(mail_user.name, mail_user.password, original("Two"))
-        summary_ids = {await posted_summary(botapi), await posted_summary(botapi)}
+        summary_ids = set()
+        for subject in ("One", "Two"):  # one at a time: mails that wait together are combined
+            dovecot.append(mail_user.name, mail_user.password, original(subject))
+            summary_ids.add(await posted_summary(botapi))
         botapi.send_user_message(OWNER, group, "/help", chat_type="group")
         help_call = await botapi.next_call("sendMessage", timeout=15, ok_only=True)
         foreign_id = int(help_call.result["message_id"])

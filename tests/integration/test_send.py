@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import OWNER, running
+from bridge.db import store
+from bridge.db.engine import Database, make_engine
+from bridge.db.migrate import upgrade_to_head
+from tests.conftest import SECRETS
+from tests.integration.conftest import OWNER, make_account, running
+from tests.servers.dovecot import MailUser
+from tests.servers.smtpd import SmtpServer
 
 STRANGER = 999
+WORK_SENDER = "Work Desk <desk@work.example>"
 
 
 async def answer(botapi, chat_id: int = OWNER) -> str:
@@ -28,11 +37,70 @@ async def answer_containing(botapi, needle: str, chat_id: int = OWNER) -> str:
                 return text
 
 
+async def outbox_counts(settings) -> dict[str, int]:
+    """The outbox's items per status, read from the bridge's database."""
+    db = Database(make_engine(settings.core.database_url))
+    try:
+        return await db.run(store.outbox_counts)
+    finally:
+        db.engine.dispose()
+
+
 @pytest.fixture
 def send_settings(settings_for, smtpd):
     def build(**kw):
         kw.setdefault("imap", {"save_sent": False})
         return settings_for(smtpd=smtpd, **kw)
+
+    return build
+
+
+@pytest.fixture
+def work_user(dovecot, mail_user) -> MailUser:
+    """A second mailbox on the session Dovecot, for the account `work`."""
+    user = MailUser(f"{mail_user.name}-work", secrets.token_urlsafe(12))
+    dovecot.add_user(user.name, user.password)
+    SECRETS.add(user.password)
+    return user
+
+
+@pytest.fixture
+def work_smtpd(ca):
+    """A second SMTP server with its own login: what arrives here left through `work`."""
+    with SmtpServer(ca, username="desk@work.example") as server:
+        SECRETS.add(server.password)
+        yield server
+
+
+@pytest.fixture
+def two_accounts(settings_for, dovecot, ca, mail_user, smtpd, work_user, work_smtpd):
+    """Settings with the accounts `home` (mail_user, smtpd) and `work` (work_user, work_smtpd)."""
+
+    def build(**kw):
+        ca_file = Path(ca.ca_file)
+        home = make_account(
+            "home",
+            dovecot=dovecot,
+            user=mail_user,
+            ca_file=ca_file,
+            smtpd=smtpd,
+            imap={"save_sent": False},
+            smtp={"username": smtpd.username, "password": smtpd.password},
+        )
+        work = make_account(
+            "work",
+            dovecot=dovecot,
+            user=work_user,
+            ca_file=ca_file,
+            smtpd=work_smtpd,
+            imap={"save_sent": False},
+            smtp={
+                "username": work_smtpd.username,
+                "password": work_smtpd.password,
+                "from_address": WORK_SENDER,
+            },
+        )
+        return settings_for(accounts=[home, work], **kw)
 
     return build
 
@@ -95,13 +163,16 @@ async def test_display_name_tricks_add_no_recipient(send_settings, botapi, smtpd
             OWNER, OWNER, '/send "victim@evil.org,"<ann@example.org> Hi\r\nBcc: x@evil.org\nbody'
         )
         reply = await answer(botapi)
-        if "Sending" in reply:
-            received = await smtpd.next_message(timeout=20)
-            assert received.rcpt_tos == ["ann@example.org"]
-            assert "Bcc" not in received.message()
-            to = received.message()["To"].addresses
-            assert [a.addr_spec for a in to] == ["ann@example.org"]
-    assert all("evil" not in r for m in smtpd.received for r in m.rcpt_tos)
+        # The quoted display name is a name, not an address: the mail goes to Ann alone.
+        assert "Sending to" in reply
+        received = await smtpd.next_message(timeout=20)
+        await answer_containing(botapi, "Sent to")
+    assert received.rcpt_tos == ["ann@example.org"]
+    msg = received.message()
+    assert "Bcc" not in msg  # the second line is the body, never a header
+    assert [a.addr_spec for a in msg["To"].addresses] == ["ann@example.org"]
+    assert "Bcc: x@evil.org" in msg.get_content()
+    assert len(smtpd.received) == 1
 
 
 async def test_dialogue_send_and_cancel(send_settings, botapi, smtpd) -> None:
@@ -141,7 +212,10 @@ async def test_dialogue_expires(send_settings, botapi, smtpd) -> None:
         assert "To whom" in await answer(botapi)
         assert "expired" in await answer(botapi)
         botapi.send_user_message(OWNER, OWNER, "ann@example.org")  # no longer a dialogue step
-        await asyncio.sleep(0)  # let nothing happen; asserted below
+        botapi.send_user_message(OWNER, OWNER, "/help")
+        # Updates are handled in order: had the address been a step, "Subject?" came first.
+        assert "/send" in await answer(botapi)
+        assert await outbox_counts(bridge.settings) == {}
     assert smtpd.received == []
 
 
@@ -203,9 +277,22 @@ async def test_rate_limit_per_user(send_settings, botapi, smtpd) -> None:
         await bridge.ready()
         for n in range(3):
             botapi.send_user_message(OWNER, OWNER, f"/send ann@example.org Mail {n}\nbody")
-        text = await answer_containing(botapi, "limit")
-    assert "2" in text
-    assert len(smtpd.received) <= 2
+        answers, reports = [], 0
+        while len(answers) < 3:  # one answer per /send, in order; the outbox reports between
+            text = await answer(botapi)
+            if text.startswith("✅ Sent to"):
+                reports += 1
+            else:
+                answers.append(text)
+        # Each /send is stored before it is answered: the count is final now.
+        assert sum((await outbox_counts(bridge.settings)).values()) == 2
+        received = [await smtpd.next_message(timeout=20) for _ in range(2)]
+        for _ in range(reports, 2):
+            await answer_containing(botapi, "Sent to")
+    assert [a.startswith("📤 Sending") for a in answers] == [True, True, False]
+    assert "limit 2" in answers[2]
+    assert sorted(r.message()["Subject"] for r in received) == ["Mail 0", "Mail 1"]
+    assert len(smtpd.received) == 2
 
 
 @pytest.mark.parametrize("chat_type", ["private", "group"])
@@ -288,3 +375,171 @@ async def test_copy_goes_to_the_special_use_sent_folder(
                 finally:
                     client.logout()
                 await asyncio.sleep(0.1)
+
+
+# Several accounts: /send picks one, and the mail leaves through that account's SMTP login.
+
+
+def buttons(call) -> list[tuple[str, str]]:
+    """(label, callback_data) of every inline button of a sendMessage call."""
+    markup = call.params.get("reply_markup") or {}
+    return [(b["text"], b["callback_data"]) for row in markup["inline_keyboard"] for b in row]
+
+
+async def test_send_at_name_leaves_through_that_account(
+    two_accounts, botapi, smtpd, work_smtpd
+) -> None:
+    async with running(two_accounts()) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(OWNER, OWNER, "/send @work ann@example.org Quarterly\nFigures.")
+        assert "Sending to" in await answer(botapi)
+        received = await work_smtpd.next_message(timeout=20)
+        await answer_containing(botapi, "Sent to")
+    assert received.login == work_smtpd.username
+    assert received.mail_from == "desk@work.example"
+    msg = received.message()
+    assert msg["From"] == WORK_SENDER
+    assert msg["Message-ID"].endswith("@work.example>")
+    assert msg["Subject"] == "Quarterly"
+    assert smtpd.received == []
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("/send ann@example.org Hi\nbody", ["Which account", "/send @home", "/send @work"]),
+        ("/send @play ann@example.org Hi\nbody", ["No account named @play", "@home", "@work"]),
+    ],
+)
+async def test_send_without_a_known_account_asks_and_sends_nothing(
+    two_accounts, botapi, smtpd, work_smtpd, text, needles
+) -> None:
+    async with running(two_accounts()) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(OWNER, OWNER, text)
+        reply = await answer(botapi)
+        # A stored mail is answered "Sending"; this answer means nothing was stored.
+        assert await outbox_counts(bridge.settings) == {}
+    for needle in needles:
+        assert needle in reply
+    assert "\n" not in reply
+    assert smtpd.received == []
+    assert work_smtpd.received == []
+
+
+async def test_dialogue_asks_for_the_account_first(
+    two_accounts, botapi, smtpd, work_smtpd
+) -> None:
+    async with running(two_accounts()) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(OWNER, OWNER, "/send")
+        prompt = await botapi.next_call("sendMessage", timeout=15, ok_only=True)
+        assert "account" in prompt.params["text"].lower()
+        assert [data for _, data in buttons(prompt)] == [
+            "send:account:home",
+            "send:account:work",
+        ]
+        prompt_id = prompt.result["message_id"]
+
+        botapi.send_user_message(OWNER, OWNER, "play")  # typed, but no such account
+        assert "No account named @play" in await answer(botapi)
+        forged = botapi.press_button(OWNER, OWNER, prompt_id, "send:account:evil")
+        refusal = await botapi.next_call("answerCallbackQuery", timeout=15, ok_only=True)
+        assert refusal.params["callback_query_id"] == forged
+        assert "not valid" in refusal.params["text"]
+
+        botapi.press_button(OWNER, OWNER, prompt_id, "send:account:work")
+        assert "To whom" in await answer(botapi)
+        assert "reply_markup" not in botapi.message(OWNER, prompt_id)  # one press only
+        botapi.send_user_message(OWNER, OWNER, "ann@example.org")
+        assert "Subject" in await answer(botapi)
+        botapi.send_user_message(OWNER, OWNER, "From work")
+        assert "text" in await answer(botapi)
+        botapi.send_user_message(OWNER, OWNER, "Sent from the work account.")
+        draft = await botapi.next_call("sendMessage", timeout=15, ok_only=True)
+        assert "desk@work.example" in draft.params["text"]
+        botapi.press_button(OWNER, OWNER, draft.result["message_id"], "send:yes")
+        received = await work_smtpd.next_message(timeout=20)
+        await answer_containing(botapi, "Sent to")
+
+        # Typing the name works too, and picks that account.
+        botapi.send_user_message(OWNER, OWNER, "/send")
+        assert "account" in (await answer(botapi)).lower()
+        botapi.send_user_message(OWNER, OWNER, "@home")
+        assert "To whom" in await answer(botapi)
+        botapi.send_user_message(OWNER, OWNER, "bob@example.org")
+        assert "Subject" in await answer(botapi)
+        botapi.send_user_message(OWNER, OWNER, "From home")
+        assert "text" in await answer(botapi)
+        botapi.send_user_message(OWNER, OWNER, "Sent from home.")
+        draft = await botapi.next_call("sendMessage", timeout=15, ok_only=True)
+        botapi.press_button(OWNER, OWNER, draft.result["message_id"], "send:yes")
+        home_received = await smtpd.next_message(timeout=20)
+        await answer_containing(botapi, "Sent to")
+    assert received.login == work_smtpd.username
+    assert received.message()["Subject"] == "From work"
+    assert received.rcpt_tos == ["ann@example.org"]
+    assert home_received.login == smtpd.username
+    assert home_received.message()["Subject"] == "From home"
+    assert len(smtpd.received) == 1
+    assert len(work_smtpd.received) == 1
+
+
+async def test_dialogue_account_step_can_be_cancelled(two_accounts, botapi, smtpd, work_smtpd):
+    async with running(two_accounts()) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(OWNER, OWNER, "/send")
+        prompt = await botapi.next_call("sendMessage", timeout=15, ok_only=True)
+        botapi.send_user_message(OWNER, OWNER, "/cancel")
+        assert "Cancelled" in await answer(botapi)
+        # The dialogue is over: its button no longer starts anything.
+        botapi.press_button(OWNER, OWNER, prompt.result["message_id"], "send:account:work")
+        botapi.send_user_message(OWNER, OWNER, "ann@example.org")
+        botapi.send_user_message(OWNER, OWNER, "/help")
+        assert "/send" in await answer(botapi)  # nothing answered the press or the address
+        assert await outbox_counts(bridge.settings) == {}
+
+
+async def test_outbox_items_keep_their_account_across_a_restart(
+    two_accounts, botapi, smtpd, work_smtpd
+) -> None:
+    settings = two_accounts()
+    # An item stored before accounts existed (no account): it leaves through the first one.
+    db = Database(make_engine(settings.core.database_url))
+    try:
+        await asyncio.to_thread(upgrade_to_head, db.engine)
+        raw = (
+            b"From: bridge@example.test\r\nTo: old@example.org\r\nSubject: From before\r\n"
+            b"Message-ID: <old-1@example.test>\r\n\r\nOld body.\r\n"
+        )
+        await db.run(
+            store.add_outbox,
+            chat_id=OWNER,
+            user_id=OWNER,
+            message_id="<old-1@example.test>",
+            recipients=["old@example.org"],
+            subject="From before",
+            raw=raw,
+        )
+    finally:
+        db.engine.dispose()
+    smtpd.stop()
+    work_smtpd.stop()
+    async with running(settings) as bridge:
+        await bridge.ready()
+        botapi.send_user_message(OWNER, OWNER, "/send @work ann@example.org Restarted\nStill.")
+        await answer_containing(botapi, "Not sent yet")
+        await answer_containing(botapi, "Not sent yet")
+    smtpd.start()
+    work_smtpd.start()
+    async with running(settings):
+        work_received = await work_smtpd.next_message(timeout=30)
+        home_received = await smtpd.next_message(timeout=30)
+        await answer_containing(botapi, "Sent to")
+        await answer_containing(botapi, "Sent to")
+    assert work_received.message()["Subject"] == "Restarted"
+    assert work_received.login == work_smtpd.username
+    assert home_received.message()["Subject"] == "From before"
+    assert home_received.login == smtpd.username
+    assert len(smtpd.received) == 1
+    assert len(work_smtpd.received) == 1

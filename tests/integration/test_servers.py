@@ -13,9 +13,18 @@ import aiosmtplib
 import pytest
 import telegram
 from imapclient import IMAPClient
-from telegram.error import InvalidToken, NetworkError, RetryAfter
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+)
 
 from bridge.logs import mask_secrets
+from bridge.retry import retry_delay
+from bridge.telegram.errors import Verdict, classify
 from tests.servers.botapi import DEFAULT_TOKEN, FakeBotApi
 from tests.servers.certs import CA
 from tests.servers.dovecot import DovecotServer, MailUser
@@ -323,3 +332,150 @@ async def test_bot_down_and_wrong_token(botapi: FakeBotApi) -> None:
     with pytest.raises(InvalidToken):
         async with _bot(botapi, token="1:wrong") as wrong:
             await wrong.get_me()
+
+
+# FakeBotApi: forums, flood limit, migration and refused chats, as PTB sees them
+
+
+async def test_bot_forum_topics(botapi: FakeBotApi) -> None:
+    """createForumTopic needs a forum; sends name an existing topic and land in it."""
+    forum, plain = -100500, -100501
+    botapi.make_forum(forum)
+    async with _bot(botapi) as bot:
+        topic = await bot.create_forum_topic(forum, "Inbox")
+        thread = topic.message_thread_id
+        assert botapi.topics(forum) == {thread: "Inbox"}
+        created = botapi.message(forum, thread)  # the service message's id is the thread id
+        assert created["forum_topic_created"]["name"] == "Inbox"
+        sent = await bot.send_message(forum, "New mail", message_thread_id=thread)
+        assert (sent.message_thread_id, sent.is_topic_message) == (thread, True)
+        assert sent.reply_to_message is not None
+        assert sent.reply_to_message.forum_topic_created is not None
+        assert botapi.message(forum, sent.message_id)["message_thread_id"] == thread
+
+        with pytest.raises(BadRequest, match="not a forum") as not_forum:
+            await bot.create_forum_topic(plain, "Inbox")
+        assert classify(not_forum.value).verdict is Verdict.BUG
+        with pytest.raises(BadRequest, match="Message thread not found"):
+            await bot.send_message(forum, "x", message_thread_id=thread + 100)
+        botapi.delete_topic(forum, thread)
+        assert botapi.topics(forum) == {}
+        with pytest.raises(BadRequest, match="Message thread not found") as gone:
+            await bot.send_document(forum, b"data", filename="a.txt", message_thread_id=thread)
+    assert classify(gone.value).verdict is Verdict.TOPIC_GONE
+
+
+async def test_user_message_in_topic_replies_to_its_creation(botapi: FakeBotApi) -> None:
+    """A user's message in a topic carries the thread and, like Telegram, the creation message."""
+    forum = -100502
+    botapi.make_forum(forum)
+    async with _bot(botapi) as bot:
+        by_bot = (await bot.create_forum_topic(forum, "Mail")).message_thread_id
+        by_user = botapi.add_topic(forum, "Chat", user_id=8)
+        botapi.send_user_message(8, forum, "first", thread_id=by_bot)
+        botapi.send_user_message(8, forum, "second", thread_id=by_user)
+        sent = await bot.send_message(forum, "from the bot", message_thread_id=by_user)
+        botapi.send_user_message(8, forum, "answer", reply_to_message_id=sent.message_id)
+        updates = await bot.get_updates(timeout=5)
+    first, second, answer = (u.message for u in updates)
+    assert first is not None
+    assert second is not None
+    assert answer is not None
+    assert (first.message_thread_id, first.is_topic_message) == (by_bot, True)
+    assert first.reply_to_message is not None
+    assert first.reply_to_message.message_id == by_bot
+    assert first.reply_to_message.forum_topic_created is not None
+    assert first.reply_to_message.from_user is not None
+    assert first.reply_to_message.from_user.is_bot
+    assert second.reply_to_message is not None
+    assert second.reply_to_message.from_user is not None
+    assert second.reply_to_message.from_user.id == 8
+    # A reply stays in the replied message's topic and keeps its own reply_to_message.
+    assert (answer.message_thread_id, answer.is_topic_message) == (by_user, True)
+    assert answer.reply_to_message is not None
+    assert answer.reply_to_message.message_id == sent.message_id
+    with pytest.raises(ValueError, match="no topic"):
+        botapi.send_user_message(8, forum, "lost", thread_id=by_user + 100)
+
+
+async def test_group_flood_limit(botapi: FakeBotApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 21st message to a group within 60 s gets RetryAfter; private chats and edits don't."""
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")  # PTB 22.2+ warns about int retry_after
+    group, private = -100503, 503
+    async with _bot(botapi) as bot:
+        sent = [await bot.send_message(group, f"m{n}") for n in range(20)]
+        with pytest.raises(RetryAfter) as error:
+            await bot.send_message(group, "one too many")
+        await bot.edit_message_text("edited", group, sent[0].message_id)
+        for n in range(25):
+            await bot.send_message(private, f"p{n}")
+    assert 59 <= retry_delay(error.value) <= 60
+    assert classify(error.value).verdict is Verdict.RETRY_AFTER
+    assert botapi.flood_refusals(group) == 1
+    assert botapi.flood_refusals(private) == 0
+    assert len(botapi.sent_messages(group)) == 20
+    assert botapi.calls("sendMessage")[20].status == 429
+
+
+@pytest.mark.botapi(group_limit=2, group_window=1.0)
+async def test_group_flood_window_frees(
+    botapi: FakeBotApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the retry_after Telegram gave, the group accepts messages again."""
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")
+    group = -100504
+    async with _bot(botapi) as bot:
+        await bot.send_message(group, "a")
+        await bot.send_message(group, "b")
+        with pytest.raises(RetryAfter) as error:
+            await bot.send_message(group, "c")
+        assert retry_delay(error.value) == 1
+        await asyncio.sleep(retry_delay(error.value))  # the wait under test is Telegram's own
+        await bot.send_message(group, "c")
+    assert botapi.sent_messages(group) == ["a", "b", "c"]
+    assert botapi.flood_refusals(group) == 1
+
+
+@pytest.mark.botapi(group_limit=None)
+async def test_group_flood_limit_off(botapi: FakeBotApi) -> None:
+    """group_limit=None lets a test post any number of messages to a group."""
+    async with _bot(botapi) as bot:
+        for n in range(25):
+            await bot.send_message(-100505, f"m{n}")
+    assert len(botapi.sent_messages(-100505)) == 25
+
+
+async def test_migrated_chat_raises_chat_migrated(botapi: FakeBotApi) -> None:
+    """A send to an upgraded group gives ChatMigrated with the supergroup's id."""
+    old, new = -505, -100506
+    botapi.migrate_chat(old, new)
+    async with _bot(botapi) as bot:
+        with pytest.raises(ChatMigrated) as error:
+            await bot.send_message(old, "x")
+        assert error.value.new_chat_id == new
+        sent = await bot.send_message(new, "y")
+    assert sent.chat.type == "supergroup"
+    failure = classify(error.value)
+    assert (failure.verdict, failure.new_chat_id) == (Verdict.MIGRATED, new)
+    assert botapi.sent_messages(old) == []
+
+
+async def test_forbidden_and_lost_chats(botapi: FakeBotApi) -> None:
+    """forbid_chat() gives Forbidden until unforbid_chat(); lose_chat() gives chat not found."""
+    group, user, lost = -100507, 507, -100508
+    botapi.forbid_chat(group)
+    botapi.forbid_chat(user, "Forbidden: bot was blocked by the user")
+    botapi.lose_chat(lost)
+    async with _bot(botapi) as bot:
+        with pytest.raises(Forbidden, match="kicked from the group chat") as kicked:
+            await bot.send_message(group, "x")
+        with pytest.raises(Forbidden, match="blocked by the user"):
+            await bot.send_photo(user, b"\xff\xd8jpeg")
+        with pytest.raises(BadRequest, match="Chat not found") as missing:
+            await bot.send_message(lost, "x")
+        botapi.unforbid_chat(group)
+        await bot.send_message(group, "back")
+    assert classify(kicked.value).verdict is Verdict.CHAT_GONE
+    assert classify(missing.value).verdict is Verdict.CHAT_GONE
+    assert botapi.sent_messages(group) == ["back"]
+    assert [c.status for c in botapi.calls("sendMessage")] == [403, 400, 200]

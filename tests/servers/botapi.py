@@ -6,6 +6,7 @@ import asyncio
 import html
 import itertools
 import json
+import math
 import mimetypes
 import re
 import time
@@ -92,16 +93,22 @@ _TAG_RE = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:\s[^<>]*)?)>")
 _ENTITY_RE = re.compile(r"&(?:lt|gt|amp|quot|#[0-9]+|#x[0-9a-fA-F]+);")
 MAX_TEXT = 4096  # Bot API sendMessage: 1-4096 characters after entities parsing
 MAX_CAPTION = 1024
+# Bot API FAQ "My bot is hitting limits": no more than 20 messages per minute in one group.
+GROUP_LIMIT = 20
+GROUP_WINDOW = 60.0
+# Bot API createForumTopic: the first of the six allowed icon colors (0x6FB9F0).
+TOPIC_COLOR = 7322096
 
 
 class BotApiError(Exception):
-    """An error answer, as the Bot API gives it: HTTP status and description."""
+    """An error answer, as the Bot API gives it: HTTP status, description, parameters."""
 
-    def __init__(self, status: int, description: str) -> None:
-        """Remember the status and the description."""
+    def __init__(self, status: int, description: str, parameters: JSON | None = None) -> None:
+        """Remember the status, the description and the ResponseParameters (if any)."""
         super().__init__(description)
         self.status = status
         self.description = description
+        self.parameters = parameters
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,10 @@ class _State:
     commands: dict[str, list[JSON]] = field(default_factory=dict)
     send_times: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     faults: dict[str, deque[_Fault]] = field(default_factory=lambda: defaultdict(deque))
+    topics: dict[int, dict[int, JSON]] = field(default_factory=lambda: defaultdict(dict))
+    migrated: dict[int, int] = field(default_factory=dict)
+    refused_chats: dict[int, tuple[int, str]] = field(default_factory=dict)
+    flood_refusals: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
 
 def utf16_len(text: str) -> int:
@@ -231,6 +242,11 @@ def _decode_param(name: str, value: str) -> Any:
     return value if isinstance(decoded, str) else decoded
 
 
+def _without_reply(message: JSON) -> JSON:
+    """A copy of `message` fit for `reply_to_message` (Telegram nests one level only)."""
+    return {k: v for k, v in message.items() if k != "reply_to_message"}
+
+
 def _as_int(value: Any, name: str) -> int:
     """Return an integer parameter or raise the Bot API's 400."""
     if isinstance(value, bool):
@@ -253,11 +269,19 @@ class FakeBotApi:
         *,
         host: str = "127.0.0.1",
         bot_username: str = "mailbridge_test_bot",
+        group_limit: int | None = GROUP_LIMIT,
+        group_window: float = GROUP_WINDOW,
     ) -> None:
-        """Prepare (but do not start) the server."""
+        """Prepare (but do not start) the server.
+
+        `group_limit` sends per `group_window` seconds are accepted for one group (negative
+        chat id); more are answered 429 like Telegram's flood control. None switches it off.
+        """
         self.token = token
         self.host = host
         self.port = 0
+        self.group_limit = group_limit
+        self.group_window = group_window
         self.bot: JSON = {
             "id": int(token.split(":", 1)[0]),
             "is_bot": True,
@@ -364,6 +388,54 @@ class FakeBotApi:
         """Undo down()."""
         self._down = False
 
+    def migrate_chat(self, old_id: int, new_id: int) -> None:
+        """Upgrade group `old_id` to supergroup `new_id`: calls to `old_id` get ChatMigrated."""
+        self._chat(old_id, "group")
+        self._chat(new_id, "supergroup")
+        self._state.migrated[old_id] = new_id
+
+    def forbid_chat(
+        self, chat_id: int, description: str = "Forbidden: bot was kicked from the group chat"
+    ) -> None:
+        """Answer every call to `chat_id` with 403 `description` until unforbid_chat()."""
+        self._state.refused_chats[chat_id] = (403, description)
+
+    def unforbid_chat(self, chat_id: int) -> None:
+        """Undo forbid_chat() (the bot was added back, the user unblocked it)."""
+        if self._state.refused_chats.get(chat_id, (0, ""))[0] == 403:
+            del self._state.refused_chats[chat_id]
+
+    def lose_chat(self, chat_id: int) -> None:
+        """Answer every call to `chat_id` with 400 "chat not found" (the chat was deleted)."""
+        self._state.refused_chats[chat_id] = (400, "Bad Request: chat not found")
+
+    def make_forum(self, chat_id: int) -> None:
+        """Make `chat_id` a supergroup with topics enabled (is_forum)."""
+        if chat_id >= 0:
+            raise ValueError(f"chat {chat_id} is not a group: forums are supergroups")
+        self._chat(chat_id, "supergroup")["is_forum"] = True
+
+    def add_topic(self, chat_id: int, name: str, *, user_id: int | None = None) -> int:
+        """Create a topic in forum `chat_id` without an API call; returns its thread id.
+
+        The creation message is from user `user_id`, or from the bot when None (as if the bot
+        had called createForumTopic earlier). No update is queued.
+        """
+        chat = self._state.chats.get(chat_id)
+        if chat is None or not chat.get("is_forum"):
+            raise ValueError(f"chat {chat_id} is not a forum: call make_forum() first")
+        creator = self.bot if user_id is None else self._user(user_id)
+        topic = self._new_topic(chat_id, chat, creator, name, TOPIC_COLOR)
+        return int(topic["message_thread_id"])
+
+    def delete_topic(self, chat_id: int, thread_id: int) -> None:
+        """Delete a topic and its messages, as a group admin would."""
+        if self._state.topics[chat_id].pop(thread_id, None) is None:
+            raise ValueError(f"no topic {thread_id} in chat {chat_id}")
+        for key, message in list(self._state.messages.items()):
+            if key[0] == chat_id and message.get("message_thread_id") == thread_id:
+                del self._state.messages[key]
+
     def _take_fault(self, method: str) -> _Fault | None:
         """Use up one pending fault for `method` (or for any method)."""
         for key in (method.lower(), "*"):
@@ -453,6 +525,17 @@ class FakeBotApi:
             best = max(best, end - start + 1)
         return best
 
+    def flood_refusals(self, chat_id: int) -> int:
+        """How many calls to `chat_id` the group flood limit answered with 429."""
+        return self._state.flood_refusals.get(chat_id, 0)
+
+    def topics(self, chat_id: int) -> dict[int, str]:
+        """The topics of forum `chat_id`: thread id -> name."""
+        return {
+            thread_id: str(topic["name"])
+            for thread_id, topic in sorted(self._state.topics.get(chat_id, {}).items())
+        }
+
     @property
     def pending_updates(self) -> int:
         """Updates queued and not yet confirmed by a getUpdates offset."""
@@ -487,9 +570,26 @@ class FakeBotApi:
         photo: bytes | None = None,
         document: tuple[str, bytes] | tuple[str, bytes, str] | None = None,
         caption: str | None = None,
+        thread_id: int | None = None,
     ) -> int:
-        """Queue a message from user `user_id` in `chat_id`, like a real client; returns its id."""
-        chat = self._chat(chat_id, chat_type)
+        """Queue a message from user `user_id` in `chat_id`, like a real client; returns its id.
+
+        `thread_id` posts in that topic of a forum (`chat_type` is then ignored); a reply to a
+        message in a topic is in that topic too, as in Telegram.
+        """
+        replied = None
+        if reply_to_message_id is not None:
+            replied = self._state.messages.get((chat_id, reply_to_message_id))
+            if replied is None:
+                raise ValueError(f"no message {reply_to_message_id} in chat {chat_id}")
+            if thread_id is None and replied.get("is_topic_message"):
+                thread_id = replied.get("message_thread_id")
+        if thread_id is None:
+            chat = self._chat(chat_id, chat_type)
+        elif thread_id in self._state.topics.get(chat_id, {}):
+            chat = self._state.chats[chat_id]
+        else:
+            raise ValueError(f"no topic {thread_id} in chat {chat_id}")
         message_id = self._new_message_id(chat_id)
         message: JSON = {
             "message_id": message_id,
@@ -505,14 +605,10 @@ class FakeBotApi:
                 message["entities"] = [
                     {"type": "bot_command", "offset": 0, "length": utf16_len(command)}
                 ]
-        if reply_to_message_id is not None:
-            replied = self._state.messages.get((chat_id, reply_to_message_id))
-            if replied is None:
-                raise ValueError(f"no message {reply_to_message_id} in chat {chat_id}")
-            # Telegram nests one level only.
-            message["reply_to_message"] = {
-                k: v for k, v in replied.items() if k != "reply_to_message"
-            }
+        if thread_id is not None:
+            self._place_in_topic(message, chat_id, thread_id)
+        if replied is not None:
+            message["reply_to_message"] = _without_reply(replied)
         if photo is not None:
             file_id = self._store_upload(photo, "photos", "photo.jpg")
             message["photo"] = [
@@ -591,6 +687,80 @@ class FakeBotApi:
         self._state.next_message_id[chat_id] += 1
         return self._state.next_message_id[chat_id]
 
+    def _new_topic(
+        self, chat_id: int, chat: JSON, creator: JSON, name: str, icon_color: int
+    ) -> JSON:
+        """Record a topic and its creation message (whose id is the topic's thread id)."""
+        thread_id = self._new_message_id(chat_id)
+        topic: JSON = {"message_thread_id": thread_id, "name": name, "icon_color": icon_color}
+        self._state.topics[chat_id][thread_id] = topic
+        self._state.messages[(chat_id, thread_id)] = {
+            "message_id": thread_id,
+            "from": creator,
+            "chat": chat,
+            "date": int(time.time()),
+            "message_thread_id": thread_id,
+            "is_topic_message": True,
+            "forum_topic_created": {"name": name, "icon_color": icon_color},
+        }
+        return topic
+
+    def _place_in_topic(self, message: JSON, chat_id: int, thread_id: int) -> None:
+        """Mark `message` as posted in a topic; unless it replies, it replies to the topic."""
+        if thread_id not in self._state.topics.get(chat_id, {}):
+            raise BotApiError(400, "Bad Request: message thread not found")
+        message["message_thread_id"] = thread_id
+        message["is_topic_message"] = True
+        # Telegram: a message in a topic that replies to nothing carries the topic's
+        # forum_topic_created service message as reply_to_message.
+        created = self._state.messages.get((chat_id, thread_id))
+        if created is not None:
+            message.setdefault("reply_to_message", _without_reply(created))
+
+    def _check_chat(self, method: str, params: JSON) -> None:
+        """Refuse a call as Telegram does: migrated, forbidden or lost chat, flood, bad topic."""
+        try:
+            chat_id = _as_int(params.get("chat_id"), "chat_id")
+        except BotApiError:
+            return  # no (numeric) chat_id: the method decides
+        new_id = self._state.migrated.get(chat_id)
+        if new_id is not None:
+            # PTB turns parameters.migrate_to_chat_id into telegram.error.ChatMigrated.
+            raise BotApiError(
+                400,
+                "Bad Request: group chat was upgraded to a supergroup chat",
+                {"migrate_to_chat_id": new_id},
+            )
+        refused = self._state.refused_chats.get(chat_id)
+        if refused is not None:
+            raise BotApiError(*refused)
+        if "message_thread_id" in params:
+            thread_id = _as_int(params["message_thread_id"], "message_thread_id")
+            if thread_id not in self._state.topics.get(chat_id, {}):
+                raise BotApiError(400, "Bad Request: message thread not found")
+        if method.lower() in SEND_METHODS:
+            self._check_flood(chat_id)
+
+    def _check_flood(self, chat_id: int) -> None:
+        """Answer 429 when group `chat_id` had `group_limit` sends in the last window."""
+        limit = self.group_limit
+        if limit is None or chat_id >= 0:
+            return
+        now = time.monotonic()
+        recent = sorted(
+            moment
+            for moment in self._state.send_times.get(chat_id, [])
+            if moment > now - self.group_window
+        )
+        if len(recent) < limit:
+            return
+        # The window frees when the limit-th most recent accepted send leaves it.
+        retry_after = max(1, math.ceil(recent[-limit] + self.group_window - now))
+        self._state.flood_refusals[chat_id] += 1
+        raise BotApiError(
+            429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}
+        )
+
     def _store_upload(self, data: bytes, folder: str, name: str) -> str:
         """Register `data` as a file and return its new file_id."""
         file_id = f"BQACAgIAAx{next(self._ids):08d}"
@@ -664,10 +834,11 @@ class FakeBotApi:
             await self._record(Call(method, params, arrived, fault.status))
             return _fault_response(fault)
         try:
+            self._check_chat(method, params)
             result = await self._dispatch(method, params)
         except BotApiError as error:
             await self._record(Call(method, params, arrived, error.status))
-            return _error_response(error.status, error.description)
+            return _error_response(error.status, error.description, error.parameters)
         if method.lower() in SEND_METHODS and "chat_id" in params:
             self._state.send_times[_as_int(params["chat_id"], "chat_id")].append(arrived)
         await self._record(Call(method, params, arrived, 200, result))
@@ -710,6 +881,12 @@ class FakeBotApi:
             return self._send_message(params)
         if name in ("senddocument", "sendphoto"):
             return self._send_file(name.removeprefix("send"), params)
+        if name == "createforumtopic":
+            return self._create_topic(params)
+        if name == "deleteforumtopic":
+            chat_id, _ = self._target(params)
+            self.delete_topic(chat_id, _as_int(params.get("message_thread_id"), "thread"))
+            return True
         if name == "editmessagetext":
             return self._edit_message(params, text=True)
         if name == "editmessagereplymarkup":
@@ -814,6 +991,7 @@ class FakeBotApi:
         reply_parameters = params.get("reply_parameters")
         if isinstance(reply_parameters, dict):
             reply_to = reply_parameters.get("message_id")
+        thread = params.get("message_thread_id")
         if reply_to is not None:
             replied = self._state.messages.get((chat_id, _as_int(reply_to, "message_id")))
             allow = isinstance(reply_parameters, dict) and reply_parameters.get(
@@ -822,9 +1000,11 @@ class FakeBotApi:
             if replied is None and not allow:
                 raise BotApiError(400, "Bad Request: message to be replied not found")
             if replied is not None:
-                message["reply_to_message"] = {
-                    k: v for k, v in replied.items() if k != "reply_to_message"
-                }
+                message["reply_to_message"] = _without_reply(replied)
+                if thread is None and replied.get("is_topic_message"):
+                    thread = replied.get("message_thread_id")  # a reply stays in its topic
+        if thread is not None:
+            self._place_in_topic(message, chat_id, _as_int(thread, "message_thread_id"))
         if params.get("reply_markup") is not None:
             message["reply_markup"] = params["reply_markup"]
         return message
@@ -882,6 +1062,21 @@ class FakeBotApi:
             self._state.raw_texts[(chat_id, message["message_id"])] = caption
         self._state.messages[(chat_id, message["message_id"])] = message
         return message
+
+    def _create_topic(self, params: JSON) -> JSON:
+        """createForumTopic: a ForumTopic, and its forum_topic_created service message."""
+        chat_id, chat = self._target(params)
+        if not chat.get("is_forum"):
+            raise BotApiError(400, "Bad Request: the chat is not a forum")
+        name = params.get("name")
+        if not isinstance(name, str) or not name.strip():
+            # MTProto's error code, which the Bot API passes on after "Bad Request: ".
+            raise BotApiError(400, "Bad Request: TOPIC_TITLE_EMPTY")
+        icon_color = _as_int(params.get("icon_color", TOPIC_COLOR), "icon_color")
+        topic = self._new_topic(chat_id, chat, self.bot, name, icon_color)
+        if params.get("icon_custom_emoji_id"):
+            topic["icon_custom_emoji_id"] = params["icon_custom_emoji_id"]
+        return dict(topic)
 
     def _edit_message(self, params: JSON, *, text: bool) -> JSON | bool:
         """editMessageText / editMessageReplyMarkup."""

@@ -26,7 +26,7 @@ Command = Literal["MAIL", "RCPT", "DATA"]
 
 @dataclass(frozen=True)
 class Received:
-    """One message the server accepted: the envelope and the raw DATA bytes."""
+    """One message the server accepted: the envelope, the raw DATA bytes and the AUTH login."""
 
     mail_from: str
     rcpt_tos: list[str]
@@ -175,6 +175,8 @@ class SmtpServer:
         self.tls: TlsMode = tls
         self.username = username
         self.password = password if password is not None else secrets.token_urlsafe(12)
+        # Every login the server accepts (add_login adds more); Received.login tells which.
+        self.logins: dict[str, str] = {self.username: self.password}
         self.auth_require_tls = auth_require_tls
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -191,12 +193,11 @@ class SmtpServer:
         mechanism: str,
         auth_data: Any,
     ) -> AuthResult:
-        """Accept exactly the configured username and password (AUTH PLAIN or LOGIN)."""
-        ok = (
-            isinstance(auth_data, LoginPassword)
-            and auth_data.login == self.username.encode()
-            and auth_data.password == self.password.encode()
-        )
+        """Accept exactly a configured username and its password (AUTH PLAIN or LOGIN)."""
+        ok = False
+        if isinstance(auth_data, LoginPassword):
+            expected = self.logins.get(auth_data.login.decode(errors="replace"))
+            ok = expected is not None and auth_data.password == expected.encode()
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
     # Lifecycle
@@ -252,6 +253,12 @@ class SmtpServer:
     ) -> None:
         """Stop the server."""
         self.stop()
+
+    def add_login(self, username: str, password: str | None = None) -> str:
+        """Accept one more login (another account's); returns its password."""
+        password = password if password is not None else secrets.token_urlsafe(12)
+        self.logins[username] = password
+        return password
 
     # Faults and observations
 

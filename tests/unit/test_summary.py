@@ -9,8 +9,9 @@ import pytest
 from bridge.mail.parse import Attachment, ParsedMail, parse_mail
 from bridge.mail.summary import (
     MAX_MESSAGE,
+    BatchLine,
     format_size,
-    render_digest,
+    render_batch,
     render_summary,
     render_unparseable,
 )
@@ -187,24 +188,29 @@ def test_render_unparseable() -> None:
     assert_telegram_html(render_unparseable(7, None, "&" * 10_000))
 
 
-def test_render_digest() -> None:
-    mails = [
-        (1, ParsedMail(subject="<Hi>", from_name="Alice", from_addr="a@x.org")),
-        (2, ParsedMail(from_addr="b@y.org")),
-        (3, ParsedMail()),
+def test_render_batch_lists_each_mail_oldest_first() -> None:
+    lines = [
+        BatchLine("Alice", "a@x.org", "<Hi>"),
+        BatchLine("", "b@y.org", ""),
+        BatchLine("", "", ""),
     ]
-    assert render_digest(mails) == (
+    assert render_batch(lines) == (
         "📬 <b>3 new mails</b>\n"
-        "• Alice: &lt;Hi&gt;\n"
-        "• b@y.org: (no subject)\n"
-        "• (unknown sender): (no subject)"
+        "1. Alice: &lt;Hi&gt;\n"
+        "2. b@y.org: (no subject)\n"
+        "3. (unknown sender): (no subject)"
     )
-    assert render_digest(mails[:1]).startswith("📬 <b>1 new mail</b>\n")
+    assert render_batch(lines[:1], "home").startswith("📬 <b>1 new mail</b> · home\n")
 
 
-def test_render_digest_of_a_huge_burst_fits() -> None:
-    mail = ParsedMail(subject="&😀" * 200, from_name="<" * 100)
-    text = render_digest([(uid, mail) for uid in range(5000)])
+def test_render_batch_of_a_backlog_shows_newest_and_busiest_senders() -> None:
+    lines = [BatchLine("", f"s{n % 3}@x.org", f"Backlog {n:04}") for n in range(2000)]
+    lines += [BatchLine("Boss", "boss@x.org", "<&😀>" * 200) for _ in range(5)]
+    text = render_batch(lines)
     assert_telegram_html(text)
-    assert text.startswith("📬 <b>5000 new mails</b>\n")
-    assert re.search(r"\n\+\d+ more$", text)
+    assert text.startswith("📬 <b>2005 new mails</b>\n")
+    assert "Backlog 0000" not in text  # the newest, not the oldest
+    assert "1996. s0@x.org: Backlog 1995" in text
+    assert "2005. Boss: " in text
+    assert "s0@x.org (667)" in text
+    assert "s1@x.org (667)" in text
