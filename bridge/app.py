@@ -147,8 +147,9 @@ async def serve(
                 group.create_task(_all_checked(watchers, delivery, ready, stop))
             await stop.wait()
         logger.info("stopping")
-        await application.stop()
     finally:
+        if application.running:  # also after a crash, so that shutdown() does not hide it
+            await application.stop()
         await application.shutdown()
         executor.shutdown(wait=False, cancel_futures=True)
 

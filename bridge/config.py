@@ -101,6 +101,8 @@ class CoreSettings(BaseModel):
 class TelegramSettings(BaseModel):
     """The bot: token, Bot API server, who may use it and where new mail goes."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is named, not ignored
+
     token: SecretStr
     token_file: Path | None = None
     api_url: str = "https://api.telegram.org"
@@ -109,7 +111,9 @@ class TelegramSettings(BaseModel):
     preview_chars: int = Field(default=1200, ge=0, le=3500)
     digest_threshold: int = Field(default=20, ge=2)
     chat_interval: float = Field(default=1.0, ge=0, le=60)
-    group_interval: float = Field(default=3.0, ge=0, le=60)
+    group_interval: float = Field(default=2.0, ge=0, le=60)
+    # A chat Telegram refuses (bot kicked, chat gone) is tried again after this, doubling to 1 h.
+    chat_retry: float = Field(default=60.0, gt=0, le=3600)
     send_rate_limit: int = Field(default=30, ge=1)
     send_dialogue_timeout: float = Field(default=600.0, gt=0)
 
@@ -149,6 +153,8 @@ class TelegramSettings(BaseModel):
 class ImapSettings(BaseModel):
     """An account's IMAPS server."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is named, not ignored
+
     host: str
     port: int = Field(default=993, ge=1, le=65535)
     username: str
@@ -181,6 +187,8 @@ class ImapSettings(BaseModel):
 
 class SmtpSettings(BaseModel):
     """An account's submission server."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is named, not ignored
 
     host: str
     port: int = Field(default=465, ge=1, le=65535)
@@ -223,7 +231,7 @@ class SmtpSettings(BaseModel):
 class AccountSettings(BaseModel):
     """One [[accounts]] entry: a name, the watched folders, its IMAP and SMTP servers."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
     folders: list[str] = Field(default_factory=list)

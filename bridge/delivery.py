@@ -113,6 +113,7 @@ class Delivery:
     ) -> None:
         self.db, self.bot, self.locks = db, bot, locks
         self.pacer = Pacer(telegram.chat_interval, telegram.group_interval)
+        self.chat_retry = telegram.chat_retry
         self.chats: dict[int, ChatState] = defaultdict(ChatState)
         self.migrations: dict[int, int] = {}
         self._wakeup = asyncio.Event()
@@ -150,7 +151,11 @@ class Delivery:
                 waiters = {asyncio.ensure_future(self._wakeup.wait())}
                 waiters.add(asyncio.ensure_future(stop.wait()))
                 try:
-                    await asyncio.wait(waiters, timeout=RECHECK, return_when="FIRST_COMPLETED")
+                    await asyncio.wait(
+                        waiters,
+                        timeout=min(RECHECK, self.chat_retry),
+                        return_when="FIRST_COMPLETED",
+                    )
                 finally:
                     for waiter in waiters:
                         waiter.cancel()
@@ -310,13 +315,13 @@ class Delivery:
     async def _postpone(self, chat_id: int, due: list[store.PendingDelivery], reason: str) -> None:
         """This chat refused: keep its mail pending and try again later, backing off."""
         attempts = max(item.attempts for item in due)
-        delay = min(MAX_POSTPONE, RECHECK * 2**attempts)
+        delay = min(MAX_POSTPONE, self.chat_retry * 2 ** min(attempts, 12))
         until = datetime.now(UTC) + timedelta(seconds=delay)
         await self.db.persist(store.postpone_deliveries, [d.id for d in due], reason, until)
         state = self.chats[chat_id]
         if state.problem != reason:
             logger.error(
-                "Telegram refused chat %s (%s): %d mail(s) wait; retrying in %.0f s",
+                "Telegram refused chat %s (%s): %d mail(s) wait; retrying in %.1f s",
                 chat_id,
                 reason,
                 len(due),

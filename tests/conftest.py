@@ -43,7 +43,10 @@ def log_audit() -> Iterator[_AuditHandler]:
     root.setLevel(old_level)
     text = "\n".join(handler.lines)
     leaked = sorted(s for s in SECRETS if len(s) >= 6 and s in text)
-    assert not leaked, f"{len(leaked)} secret(s) appeared in the log output"
+    where = next((line for line in handler.lines if any(s in line for s in leaked)), "")
+    for secret in leaked:
+        where = where.replace(secret, "<SECRET>")
+    assert not leaked, f"{len(leaked)} secret(s) appeared in the log output, e.g. {where[:300]!r}"
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,7 @@ async def test_dialogue_expires(send_settings, botapi, smtpd) -> None:
         botapi.send_user_message(OWNER, OWNER, "ann@example.org")  # no longer a dialogue step
         botapi.send_user_message(OWNER, OWNER, "/help")
         # Updates are handled in order: had the address been a step, "Subject?" came first.
-        assert "/send" in await answer(botapi)
+        assert "/inbox" in await answer(botapi)
         assert await outbox_counts(bridge.settings) == {}
     assert smtpd.received == []
 
@@ -496,7 +496,7 @@ async def test_dialogue_account_step_can_be_cancelled(two_accounts, botapi, smtp
         botapi.press_button(OWNER, OWNER, prompt.result["message_id"], "send:account:work")
         botapi.send_user_message(OWNER, OWNER, "ann@example.org")
         botapi.send_user_message(OWNER, OWNER, "/help")
-        assert "/send" in await answer(botapi)  # nothing answered the press or the address
+        assert "/inbox" in await answer(botapi)  # nothing answered the press or the address
         assert await outbox_counts(bridge.settings) == {}
 
 
