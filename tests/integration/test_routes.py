@@ -284,3 +284,14 @@ async def test_upgrade_from_an_env_only_database_loses_nothing(
         await bridge.ready()
         await wait_received(botapi, OWNER, "Arrived during upgrade")
     assert "Seen before upgrade" not in received(botapi, OWNER)
+
+
+async def test_host_written_differently_is_not_a_first_contact(
+    settings_for, dovecot, mail_user, botapi
+) -> None:
+    async with running(settings_for(imap={"host": "127.0.0.1"})) as bridge:
+        await bridge.ready()
+    dovecot.append(mail_user.name, mail_user.password, message("While renamed"))
+    async with running(settings_for(imap={"host": "localhost"})) as bridge:
+        await bridge.ready()
+        await wait_received(botapi, OWNER, "While renamed")

@@ -50,7 +50,7 @@ def test_defaults_follow_the_interface(env: pytest.MonkeyPatch) -> None:
     # SMTP login defaults to the IMAP login, the From address to the SMTP username.
     assert smtp.login == ("me@example.org", "imap-secret")
     assert smtp.sender == "me@example.org"
-    assert s.telegram.group_interval == 3.0
+    assert (s.telegram.group_interval, s.telegram.chat_retry) == (2.0, 60.0)
     assert s.routes == ()
     assert s.core.database_url == "sqlite:///data/bridge.db"
     assert s.core.log_level == "INFO"
