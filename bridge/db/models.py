@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -83,6 +84,13 @@ class PostedMail(Base):
     references: Mapped[str] = mapped_column(Text, default="")
     sender_name: Mapped[str] = mapped_column(Text, default="")
     summary: Mapped[str] = mapped_column(Text, default="")  # Telegram HTML, <= 4,096 characters
+    attachments: Mapped[int] = mapped_column(Integer, default=0)
+    # Where the mail is now, after buttons moved it ("" / None: where the watcher found it).
+    location_folder: Mapped[str] = mapped_column(String(255), default="")
+    location_uidvalidity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    location_uid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="")  # "", archived, deleted, spam
+    seen: Mapped[bool] = mapped_column(Boolean, default=False)
     posted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     summaries: Mapped[list[PostedSummary]] = relationship(
@@ -105,6 +113,9 @@ class PostedSummary(Base):
     )
     chat_id: Mapped[int] = mapped_column(BigInteger)
     telegram_message_id: Mapped[int] = mapped_column(BigInteger)
+    # summary: a summary or combined message; list: search results; forward: the bot's question
+    # "forward to whom?" (a reply to it gives the addresses).
+    kind: Mapped[str] = mapped_column(String(16), default="summary")
 
     mail: Mapped[PostedMail] = relationship(back_populates="summaries")
 
@@ -162,6 +173,32 @@ class Mute(Base):
     address: Mapped[str] = mapped_column(String(320), unique=True)  # lower case
     muted_by: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """Work a button or a command asked for (full text, an attachment, a move, a search).
+
+    Written before the update is confirmed to Telegram and done by the job runner, so a slow
+    upload never holds up other updates and a crash does not lose the request.
+    """
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    update_id: Mapped[int | None] = mapped_column(BigInteger, unique=True, nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    user_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    thread_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    posted_mail_id: Mapped[int | None] = mapped_column(
+        ForeignKey("posted_mail.id", ondelete="CASCADE"), nullable=True
+    )
+    args: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class OutboxItem(Base):

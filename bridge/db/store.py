@@ -14,6 +14,7 @@ from bridge.db.models import (
     ChatMigration,
     Delivery,
     ForumTopic,
+    Job,
     Mailbox,
     Mute,
     OutboxItem,
@@ -44,16 +45,31 @@ class MailRecord:
     references: tuple[str, ...]
     sender_name: str = ""
     summary: str = ""
+    attachments: int = 0
 
 
 @dataclass(frozen=True)
 class ShownMail:
-    """A mail shown in a chat: its record, its row id and the account it came to."""
+    """A mail shown in a chat: its record, its row id, the account it came to, and where it
+    is now (buttons move it) with its state."""
 
     posted_mail_id: int
     account: str
     folder: str
     record: MailRecord
+    uidvalidity: int = 0
+    location_folder: str = ""  # "" : still in `folder`
+    location_uidvalidity: int = 0
+    location_uid: int = 0
+    state: str = ""  # "", archived, deleted, spam
+    seen: bool = False
+
+    @property
+    def where(self) -> tuple[str, int, int]:
+        """(folder, UIDVALIDITY, UID) where the mail is now."""
+        if self.location_folder:
+            return self.location_folder, self.location_uidvalidity, self.location_uid
+        return self.folder, self.uidvalidity, self.record.uid
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,7 @@ def record_mails(
             reply_to=record.reply_to,
             references=" ".join(record.references),
             summary=record.summary,
+            attachments=record.attachments,
         )
         session.add(mail)
         session.flush()
@@ -157,6 +174,12 @@ def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
         posted_mail_id=mail.id,
         account=account,
         folder=folder,
+        uidvalidity=mail.uidvalidity,
+        location_folder=mail.location_folder,
+        location_uidvalidity=mail.location_uidvalidity or 0,
+        location_uid=mail.location_uid or 0,
+        state=mail.state,
+        seen=mail.seen,
         record=MailRecord(
             uid=mail.uid,
             message_id=mail.message_id,
@@ -166,9 +189,12 @@ def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
             references=tuple(mail.references.split()),
             sender_name=mail.sender_name,
             summary=mail.summary,
+            attachments=mail.attachments,
         ),
     )
 
+
+SHOWING = ("summary", "list")  # what find_by_summary resolves a reply to
 
 _SHOWN = (
     select(PostedMail, Account.name, Mailbox.name)
@@ -310,13 +336,17 @@ def remove_mute(session: Session, address: str) -> bool:
     return True
 
 
-def find_by_summary(session: Session, chat_id: int, telegram_message_id: int) -> list[ShownMail]:
-    """The mails a Telegram message in a chat shows (several for a combined message)."""
+def find_by_summary(
+    session: Session, chat_id: int, telegram_message_id: int, kinds: Sequence[str] = SHOWING
+) -> list[ShownMail]:
+    """The mails a Telegram message in a chat shows (several for a combined message or a
+    list of search results)."""
     rows = session.execute(
         _SHOWN.join(PostedSummary, PostedSummary.posted_mail_id == PostedMail.id)
         .where(
             PostedSummary.chat_id == chat_id,
             PostedSummary.telegram_message_id == telegram_message_id,
+            PostedSummary.kind.in_(kinds),
         )
         .order_by(PostedMail.id)
     )
@@ -341,14 +371,194 @@ def find_in_chat(session: Session, chat_id: int, posted_mail_id: int) -> ShownMa
 
 
 def record_summary(
-    session: Session, posted_mail_id: int, chat_id: int, telegram_message_id: int
+    session: Session,
+    posted_mail_id: int,
+    chat_id: int,
+    telegram_message_id: int,
+    kind: str = "summary",
 ) -> None:
-    """Remember that a chat shows this mail as telegram_message_id (a re-posted summary)."""
+    """Remember that a chat shows this mail as telegram_message_id (a re-posted summary, a
+    search result, or the bot's "forward to whom?" question: `kind`)."""
     session.add(
         PostedSummary(
-            posted_mail_id=posted_mail_id, chat_id=chat_id, telegram_message_id=telegram_message_id
+            posted_mail_id=posted_mail_id,
+            chat_id=chat_id,
+            telegram_message_id=telegram_message_id,
+            kind=kind,
         )
     )
+
+
+def set_location(
+    session: Session, posted_mail_id: int, folder: str, uidvalidity: int, uid: int, state: str
+) -> None:
+    """A button moved the mail (or found it elsewhere): where it is now and why."""
+    mail = session.get_one(PostedMail, posted_mail_id)
+    mail.location_folder, mail.location_uidvalidity, mail.location_uid = folder, uidvalidity, uid
+    mail.state = state
+    # A watched folder must not post the mail as new: it is already known.
+    mark_known(session, mail.mailbox_id, folder, uidvalidity, uid)
+
+
+def mark_known(session: Session, mailbox_id: int, folder: str, uidvalidity: int, uid: int) -> None:
+    """The mail at (folder, uidvalidity, uid) of the same account counts as seen by the bridge
+    (Undo moves a mail back: it is no new mail)."""
+    account_id = session.scalar(select(Mailbox.account_id).where(Mailbox.id == mailbox_id))
+    target = session.scalar(
+        select(Mailbox).where(
+            Mailbox.account_id == account_id,
+            Mailbox.name == folder,
+            Mailbox.uidvalidity == uidvalidity,
+        )
+    )
+    if target is None:
+        return  # not watched: nothing would post it
+    known = session.scalar(
+        select(PostedMail.id).where(
+            PostedMail.mailbox_id == target.id,
+            PostedMail.uidvalidity == uidvalidity,
+            PostedMail.uid == uid,
+        )
+    )
+    if known is None:
+        session.add(PostedMail(mailbox_id=target.id, uidvalidity=uidvalidity, uid=uid))
+
+
+def set_seen(session: Session, posted_mail_id: int, seen: bool) -> None:
+    """The mail's \\Seen flag as the bridge last set or read it."""
+    session.get_one(PostedMail, posted_mail_id).seen = seen
+
+
+def ensure_mail(
+    session: Session, account: str, folder: str, uidvalidity: int, record: MailRecord
+) -> int | None:
+    """The row of a mail found by /search (created when the bridge never posted it); None when
+    the folder is not one the bridge watches."""
+    box = session.scalar(
+        select(Mailbox)
+        .join(Account, Mailbox.account_id == Account.id)
+        .where(Account.name == account, Mailbox.name == folder)
+    )
+    if box is None:
+        return None
+    found = session.scalar(
+        select(PostedMail.id).where(
+            PostedMail.mailbox_id == box.id,
+            PostedMail.uidvalidity == uidvalidity,
+            PostedMail.uid == record.uid,
+        )
+    )
+    if found is not None:
+        return found
+    mail = PostedMail(
+        mailbox_id=box.id,
+        uidvalidity=uidvalidity,
+        uid=record.uid,
+        message_id=record.message_id,
+        subject=record.subject,
+        sender=record.sender,
+        sender_name=record.sender_name,
+        reply_to=record.reply_to,
+        references=" ".join(record.references),
+    )
+    session.add(mail)
+    session.flush()
+    return mail.id
+
+
+def set_summary(session: Session, posted_mail_id: int, summary: str, attachments: int) -> None:
+    """Keep a summary rendered later (a search hit opened from the chat)."""
+    mail = session.get_one(PostedMail, posted_mail_id)
+    mail.summary, mail.attachments = summary, attachments
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Work a press or a command asked for."""
+
+    id: int
+    kind: str
+    chat_id: int
+    user_id: int | None
+    message_id: int | None
+    thread_id: int | None
+    posted_mail_id: int | None
+    args: str
+    attempts: int
+
+
+def add_job(
+    session: Session,
+    *,
+    update_id: int | None,
+    kind: str,
+    chat_id: int,
+    user_id: int | None = None,
+    message_id: int | None = None,
+    thread_id: int | None = None,
+    posted_mail_id: int | None = None,
+    args: str = "",
+) -> int | None:
+    """Store a job; None when this update was stored before (Telegram re-delivered it)."""
+    if update_id is not None:
+        seen = session.scalar(select(Job.id).where(Job.update_id == update_id))
+        if seen is not None:
+            return None
+    job = Job(
+        update_id=update_id,
+        kind=kind,
+        chat_id=chat_id,
+        user_id=user_id,
+        message_id=message_id,
+        thread_id=thread_id,
+        posted_mail_id=posted_mail_id,
+        args=args,
+    )
+    session.add(job)
+    session.flush()
+    return job.id
+
+
+def claim_jobs(session: Session, limit: int) -> list[JobRecord]:
+    """Pending jobs, oldest first, marked running (a restart finds them pending again)."""
+    rows = list(
+        session.scalars(select(Job).where(Job.status == "pending").order_by(Job.id).limit(limit))
+    )
+    for row in rows:
+        row.status = "running"
+    return [
+        JobRecord(
+            r.id,
+            r.kind,
+            r.chat_id,
+            r.user_id,
+            r.message_id,
+            r.thread_id,
+            r.posted_mail_id,
+            r.args,
+            0,
+        )
+        for r in rows
+    ]
+
+
+def finish_job(session: Session, job_id: int, status: str, error: str = "") -> None:
+    """done or failed (with the one line the chat was told)."""
+    job = session.get_one(Job, job_id)
+    job.status, job.error, job.finished_at = status, error[:500], utcnow()
+
+
+def requeue_running_jobs(session: Session) -> int:
+    """At start: jobs a crash interrupted are pending again."""
+    rows = list(session.scalars(select(Job).where(Job.status == "running")))
+    for row in rows:
+        row.status = "pending"
+    return len(rows)
+
+
+def list_mutes(session: Session) -> list[str]:
+    """Muted senders, alphabetically."""
+    return list(session.scalars(select(Mute.address).order_by(Mute.address)))
 
 
 def count_posted(session: Session) -> int:
