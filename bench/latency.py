@@ -10,8 +10,10 @@ on a fresh mailbox: a plain imapclient session idling in IDLE, time from APPEND'
 idle_check() returning the EXISTS. Dovecot delays IDLE notifications by 0.5 s
 (NOTIFY_DELAY_MSECS in src/lib-storage/mailbox-watch.c), so the floor is ~0.5 s.
 
-The per-stage breakdown wraps a few ImapSession/Watcher methods from this script at run time
-(timestamps only; the bridge's code is not changed). Printed figures are milliseconds.
+The per-stage breakdown wraps a few ImapSession/FolderWatcher/Delivery methods from this script
+at run time (timestamps only; the bridge's code is not changed). Printed figures are
+milliseconds. The settings are the integration tests' (make_settings: chat_interval 0), so
+that the chat's pacing never holds a mail back; --chat-interval sets another.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 from imapclient import IMAPClient  # noqa: E402
 
 from bridge import mail_to_chat  # noqa: E402
+from bridge.delivery import Delivery  # noqa: E402
 from bridge.mail.imap import ImapSession  # noqa: E402
-from bridge.mail_to_chat import Watcher  # noqa: E402
+from bridge.mail_to_chat import FolderWatcher  # noqa: E402
 from tests.integration.conftest import make_settings, running  # noqa: E402
 from tests.servers.botapi import FakeBotApi  # noqa: E402
 from tests.servers.certs import CA  # noqa: E402
@@ -54,7 +57,8 @@ STAGES = [
     ("-> UID SEARCH answered", "search"),
     ("-> UID FETCH answered", "fetch"),
     ("-> summary rendered", "summary"),
-    ("-> send() entered (db check)", "send"),
+    ("-> delivery row + cursor written", "recorded"),
+    ("-> delivery took it (db reads)", "send"),
     ("-> sendMessage at Bot API", "posted"),
 ]
 
@@ -132,6 +136,17 @@ def instrument() -> list[str]:
 
         return make
 
+    def on_async_return(name: str) -> Callable[[Any], Any]:
+        def make(original: Any) -> Any:
+            async def wrapper(*args: Any, **kw: Any) -> Any:
+                result = await original(*args, **kw)
+                _record(name)
+                return result
+
+            return wrapper
+
+        return make
+
     def on_entry(original: Any) -> Any:
         async def wrapper(*args: Any, **kw: Any) -> Any:
             _record("send")
@@ -144,7 +159,8 @@ def instrument() -> list[str]:
     wrap(ImapSession, "_uids_after", on_return("search", only_if_truthy=True))
     wrap(ImapSession, "_fetch", on_return("fetch"))
     wrap(mail_to_chat, "summarise", on_return("summary"))
-    wrap(Watcher, "send", on_entry)
+    wrap(FolderWatcher, "_record", on_async_return("recorded"))
+    wrap(Delivery, "_send_batch", on_entry)
     return missing
 
 
@@ -204,7 +220,12 @@ async def bridge_phase(
     noop_wakes = 0
     async with FakeBotApi() as botapi:
         settings = make_settings(
-            workdir, dovecot=dovecot, user=user, botapi=botapi, ca_file=ca.ca_file
+            workdir,
+            dovecot=dovecot,
+            user=user,
+            botapi=botapi,
+            ca_file=ca.ca_file,
+            telegram={"chat_interval": args.chat_interval},
         )
         appender = dovecot.connect(user.name, user.password)
         try:
@@ -307,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-min", type=float, default=0.1, help="min pause, s (0.1)")
     parser.add_argument("--gap-max", type=float, default=0.3, help="max pause, s (0.3)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for the pauses")
+    parser.add_argument(
+        "--chat-interval", type=float, default=0.0, help="telegram.chat_interval, s (0)"
+    )
     parser.add_argument("--skip-floor", action="store_true", help="skip Dovecot's floor phase")
     parser.add_argument("--log-level", default="WARNING", help="bridge log level (WARNING)")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
 from bridge.delivery import ChatLocks, Delivery
 from bridge.errors import BridgeError
+from bridge.jobs import JobRunner
 from bridge.logs import mask_secrets
 from bridge.mail_to_chat import FolderPoller, FolderWatcher
 from bridge.retry import Backoff, wait_or_stop
@@ -104,6 +105,7 @@ async def serve(
     locks = ChatLocks()
     delivery = Delivery(settings.telegram, db, bot, locks)
     outbox = Outbox(settings.accounts, settings.telegram, db, bot)
+    jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox)
     connections = sum(min(len(a.folders), a.imap.max_connections) for a in settings.accounts)
     executor = ThreadPoolExecutor(max_workers=connections + 4, thread_name_prefix="imap")
     watchers, pollers = build_watchers(settings, db, delivery, executor)
@@ -115,6 +117,7 @@ async def serve(
         delivery=delivery,
         chat_locks=locks,
         outbox=outbox,
+        jobs=jobs,
     )
     application = build_application(settings.telegram, bot, deps)
     try:
@@ -138,6 +141,7 @@ async def serve(
             group.create_task(polling.poll(application, stop))
             group.create_task(delivery.run(stop))
             group.create_task(outbox.work(stop))
+            group.create_task(jobs.run(stop))
             for watcher in watchers:
                 if id(watcher) not in polled:
                     group.create_task(watcher.run(stop))

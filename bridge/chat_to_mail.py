@@ -115,7 +115,7 @@ class Outbox:
         account_id = await self._account_id(account)
         item_id = await self.db.run(
             store.add_outbox,
-            account_id=None,
+            account_id=account_id,
             chat_id=chat_id,
             user_id=user_id,
             message_id=message_id,

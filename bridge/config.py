@@ -115,6 +115,8 @@ class TelegramSettings(BaseModel):
     # A chat Telegram refuses (bot kicked, chat gone) is tried again after this, doubling to 1 h.
     chat_retry: float = Field(default=60.0, gt=0, le=3600)
     send_rate_limit: int = Field(default=30, ge=1)
+    # Bot API: uploads up to 50 MB; a self-hosted Bot API server in local mode takes 2,000.
+    upload_limit_mb: int = Field(default=50, ge=1, le=2000)
     send_dialogue_timeout: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="before")

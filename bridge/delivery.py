@@ -17,7 +17,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, LinkPreviewOptions
+from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
 
@@ -33,6 +33,7 @@ from bridge.mail.summary import (
 )
 from bridge.retry import Backoff, Stopped, wait_or_stop
 from bridge.telegram.errors import TelegramFailure, Verdict, classify
+from bridge.telegram.keyboards import open_keyboard, summary_keyboard
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,12 @@ class Delivery:
         if len(batch) == 1:
             mail = batch[0].mail
             text = mail.record.summary or render_batch([_line(mail)])
-            markup = None
+            markup = summary_keyboard(
+                mail.posted_mail_id,
+                attachments=mail.record.attachments,
+                seen=mail.seen,
+                state=mail.state,
+            )
         else:
             text = render_batch([_line(item.mail) for item in batch])
             markup = _open_buttons(batch)
@@ -358,11 +364,9 @@ def _open_buttons(batch: list[store.PendingDelivery]) -> InlineKeyboardMarkup:
     """One button per listed mail; its callback data is a row id the chat must own."""
     shown = batch[-COMBINED_LISTED:]
     first = len(batch) - len(shown) + 1
-    buttons = [
-        InlineKeyboardButton(
-            batch_line_label(first + n, _line(item.mail)),
-            callback_data=f"open:{item.mail.posted_mail_id}",
-        )
-        for n, item in enumerate(shown)
-    ]
-    return InlineKeyboardMarkup([buttons[i : i + 2] for i in range(0, len(buttons), 2)])
+    return open_keyboard(
+        [
+            (item.mail.posted_mail_id, batch_line_label(first + n, _line(item.mail)))
+            for n, item in enumerate(shown)
+        ]
+    )

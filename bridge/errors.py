@@ -9,6 +9,10 @@ class ConfigError(BridgeError):
     """A setting is missing or invalid; the message names the BRIDGE_... variable (exit 2)."""
 
 
+class UsageError(BridgeError):
+    """A chat command or option in the wrong form; the message says the right one."""
+
+
 class DatabaseError(BridgeError):
     """The database cannot be used: unknown revision, locked, disk full (exit 1)."""
 

@@ -63,6 +63,7 @@ def record_of(uid: int, mail: ParsedMail | None, summary: str) -> store.MailReco
         references=tuple(mail.references),
         sender_name=mail.from_name,
         summary=summary,
+        attachments=len(mail.attachments),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email
 import mimetypes
 import re
 import unicodedata
@@ -61,6 +62,8 @@ class OutgoingMail:
     attachments: tuple[OutgoingAttachment, ...] = ()
     in_reply_to: str = ""
     references: tuple[str, ...] = ()
+    forwarded: bytes = b""  # a whole original mail, attached as message/rfc822 (Forward)
+    forwarded_name: str = "forwarded.eml"
 
 
 class InvalidMail(ValueError):
@@ -93,6 +96,14 @@ def reply_subject(subject: str) -> str:
     if _REPLY_PREFIX.match(cleaned):
         return cleaned
     return f"Re: {cleaned}"
+
+
+def forward_subject(subject: str) -> str:
+    """`Fwd: subject`, never `Fwd: Fwd: ...`."""
+    cleaned = clean_subject(subject) or NO_SUBJECT
+    if re.match(r"^\s*(?:fwd?|wg|tr|rv|i)\s*:", cleaned, re.IGNORECASE):
+        return cleaned
+    return f"Fwd: {cleaned}"
 
 
 def reply_references(references: Sequence[str], message_id: str) -> tuple[str, ...]:
@@ -155,6 +166,11 @@ def build_message(
             subtype=subtype,
             filename=clean_filename(attachment.filename),
         )
+    if mail.forwarded:
+        # The original travels whole, as a part of its own (RFC 2046 §5.2.1), with its own
+        # attachments inside; 8bit because its body may be anything its sender chose.
+        inner: EmailMessage = email.message_from_bytes(mail.forwarded, _class=EmailMessage)
+        msg.add_attachment(inner, filename=clean_filename(mail.forwarded_name), cte="8bit")
     return msg
 
 

@@ -6,19 +6,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from bridge.config import ImapSettings
-from bridge.errors import PermanentMailError, TemporaryMailError
+from bridge.errors import BridgeError, PermanentMailError, TemporaryMailError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +87,35 @@ def _text(exc: BaseException) -> str:
     if text.startswith("b'") or text.startswith('b"'):
         text = text[2:-1]
     return text.splitlines()[0][:300]
+
+
+def _fetch_summaries(client: IMAPClient, uids: list[int]) -> list[FetchedMail]:
+    """The start of each message and its BODYSTRUCTURE, with BODY.PEEK (never \\Seen)."""
+    result: list[FetchedMail] = []
+    for start in range(0, len(uids), FETCH_BATCH):
+        batch = uids[start : start + FETCH_BATCH]
+        data = client.fetch(batch, _SUMMARY_ITEMS)
+        for uid in batch:
+            item = data.get(uid)
+            if item is None:  # expunged meanwhile
+                continue
+            raw = _fetch_key(item, b"BODY[]") or b""
+            size = int(item.get(b"RFC822.SIZE", len(raw)))
+            # The structure is needed only when the bytes were cut; whole bytes give exact
+            # attachment sizes.
+            structure = item.get(b"BODYSTRUCTURE") if len(raw) < size else None
+            result.append(FetchedMail(uid=uid, raw=raw, structure=structure, size=size))
+    return result
+
+
+def _fetch_headers(client: IMAPClient, uids: list[int]) -> list[tuple[int, bytes]]:
+    """(uid, a few header fields) for each UID still present, in the order given."""
+    result: list[tuple[int, bytes]] = []
+    for start in range(0, len(uids), 500):
+        batch = uids[start : start + 500]
+        data = client.fetch(batch, [_HEADER_ITEM])
+        result += [(u, _fetch_key(data[u], b"BODY[HEADER") or b"") for u in batch if u in data]
+    return result
 
 
 class ImapSession:
@@ -208,33 +239,14 @@ class ImapSession:
         return await self._call(lambda: sorted(self.client.search("ALL")))
 
     def _fetch(self, uids: list[int]) -> list[FetchedMail]:
-        result: list[FetchedMail] = []
-        for start in range(0, len(uids), FETCH_BATCH):
-            batch = uids[start : start + FETCH_BATCH]
-            data = self.client.fetch(batch, _SUMMARY_ITEMS)
-            for uid in batch:
-                item = data.get(uid)
-                if item is None:  # expunged meanwhile
-                    continue
-                raw = _fetch_key(item, b"BODY[]") or b""
-                size = int(item.get(b"RFC822.SIZE", len(raw)))
-                # The structure is needed only when the bytes were cut; whole bytes give exact
-                # attachment sizes.
-                structure = item.get(b"BODYSTRUCTURE") if len(raw) < size else None
-                result.append(FetchedMail(uid=uid, raw=raw, structure=structure, size=size))
-        return result
+        return _fetch_summaries(self.client, uids)
 
     async def fetch(self, uids: list[int]) -> list[FetchedMail]:
         """The start of each message and its BODYSTRUCTURE, with BODY.PEEK (never \\Seen)."""
         return await self._call(self._fetch, uids)
 
     def _headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
-        result: list[tuple[int, bytes]] = []
-        for start in range(0, len(uids), 500):
-            batch = uids[start : start + 500]
-            data = self.client.fetch(batch, [_HEADER_ITEM])
-            result += [(u, _fetch_key(data[u], b"BODY[HEADER") or b"") for u in batch if u in data]
-        return result
+        return _fetch_headers(self.client, uids)
 
     async def headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
         """(uid, a few header fields) for each UID still present, in the order given."""
@@ -445,6 +457,226 @@ async def check_folders(settings: ImapSettings, folders: list[str]) -> str:
     try:
         return await asyncio.to_thread(_check_folders, settings, folders)
     except PermanentMailError:
+        raise
+    except Exception as exc:
+        raise classify(exc) from exc
+
+
+# Actions on single mails (bridge/actions.py): a fresh connection for each, never the watcher's.
+
+CHUNK_BYTES = 1_048_576  # one partial FETCH of a part: BODY.PEEK[<part>]<offset.length>
+_COPYUID = "COPYUID"
+_MSG_ID = re.compile(rb"<[^<>]*>")
+
+
+@dataclass(frozen=True)
+class Copied:
+    """Where COPYUID (RFC 4315 §3) says the copy of a mail went."""
+
+    uidvalidity: int
+    uid: int
+
+
+class MailConnection:
+    """A logged-in connection for actions on single mails; blocking, used via with_connection()."""
+
+    def __init__(self, client: IMAPClient) -> None:
+        self.client = client
+
+    def has(self, capability: str) -> bool:
+        """Whether the server announced `capability` (cached at login: no I/O)."""
+        return bool(self.client.has_capability(capability))
+
+    def select(self, folder: str, *, readonly: bool) -> FolderState | None:
+        """SELECT (read-write) or EXAMINE (read-only) a folder; None when it cannot be opened."""
+        try:
+            info = self.client.select_folder(folder, readonly=readonly)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError:  # NO: the folder does not exist or is not selectable
+            return None
+        return FolderState(
+            uidvalidity=int(info.get(b"UIDVALIDITY", 0)),
+            uidnext=int(info.get(b"UIDNEXT", 0)),
+            exists=int(info.get(b"EXISTS", 0)),
+        )
+
+    def live_flags(self, uid: int) -> tuple[bytes, ...] | None:
+        """The flags of a mail that is there and not marked \\Deleted; None otherwise."""
+        flags = self.client.fetch([uid], ["FLAGS"]).get(uid, {}).get(b"FLAGS")
+        if flags is None or b"\\Deleted" in flags:
+            return None
+        return tuple(flags)
+
+    def find_message_id(self, message_id: str) -> list[int]:
+        """UIDs of the mails with exactly this Message-ID not marked \\Deleted, ascending."""
+        charset = None if message_id.isascii() else "UTF-8"
+        criteria = ["UNDELETED", "HEADER", "MESSAGE-ID", message_id]
+        candidates = sorted(self.client.search(criteria, charset))[-20:]
+        if not candidates:
+            return []
+        # RFC 3501 §6.4.4: SEARCH HEADER matches substrings; keep the exact matches.
+        data = self.client.fetch(candidates, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+        wanted = _bare_id(message_id.encode("utf-8", "replace"))
+        return [
+            uid
+            for uid in candidates
+            if uid in data and _bare_id(_fetch_key(data[uid], b"BODY[HEADER") or b"") == wanted
+        ]
+
+    def set_flag(self, uid: int, flag: bytes, on: bool) -> None:
+        """UID STORE +FLAGS or -FLAGS (silent) on the selected, read-write folder."""
+        if on:
+            self.client.add_flags([uid], [flag], silent=True)
+        else:
+            self.client.remove_flags([uid], [flag], silent=True)
+
+    def special_folder(self, flag: bytes) -> str | None:
+        """The folder with this RFC 6154 SPECIAL-USE attribute (else a usual name), or None."""
+        found = self.client.find_special_folder(flag)
+        return str(found) if found else None
+
+    def folder_exists(self, folder: str) -> bool:
+        """Whether LIST knows the folder."""
+        return bool(self.client.folder_exists(folder))
+
+    def can_move(self) -> bool:
+        """MOVE (RFC 6851), or UIDPLUS (RFC 4315) for COPY + UID EXPUNGE of one UID."""
+        return self.has("MOVE") or self.has("UIDPLUS")
+
+    def move(self, uid: int, folder: str) -> Copied | None:
+        """Move one mail of the selected read-write folder; where it went, if the server said.
+
+        Without MOVE: UID COPY, \\Deleted, then UID EXPUNGE of that UID only (RFC 4315 §2.1);
+        a plain EXPUNGE would also remove mail that other clients marked \\Deleted.
+        """
+        # imaplib files response codes ("* OK [COPYUID ...]", RFC 6851 §4.3, or the tagged OK
+        # of COPY) under their name; imapclient returns neither.
+        responses = self.client._imap.untagged_responses
+        responses.pop(_COPYUID, None)
+        if self.has("MOVE"):
+            self.client.move([uid], folder)
+            copied = responses.pop(_COPYUID, [])
+        elif self.has("UIDPLUS"):
+            self.client.copy([uid], folder)
+            copied = responses.pop(_COPYUID, [])
+            self.client.add_flags([uid], [b"\\Deleted"], silent=True)
+            self.client.uid_expunge([uid])
+        else:
+            raise PermanentMailError("the IMAP server offers neither MOVE nor UIDPLUS")
+        return next((c for data in copied if (c := _copyuid(data, uid)) is not None), None)
+
+    def structure(self, uid: int) -> Any:
+        """The mail's BODYSTRUCTURE (imapclient's form), None when the UID is not there."""
+        return self.client.fetch([uid], ["BODYSTRUCTURE"]).get(uid, {}).get(b"BODYSTRUCTURE")
+
+    def sections(self, uid: int, sections: list[str], limit: int) -> dict[str, bytes]:
+        """The first `limit` octets of each part, by section, with BODY.PEEK (never \\Seen)."""
+        items = [f"BODY.PEEK[{section}]<0.{limit}>" for section in sections]
+        data = self.client.fetch([uid], items).get(uid, {})
+        return {s: _fetch_key(data, f"BODY[{s}]".encode()) or b"" for s in sections}
+
+    def stream(
+        self, uid: int, section: str, write: Callable[[bytes], object], chunk: int = CHUNK_BYTES
+    ) -> int:
+        """Pass one part ("" for the whole mail) to `write` in partial fetches of `chunk`
+        octets, so neither the mail nor the part is ever held whole; returns octets fetched."""
+        offset = 0
+        while True:
+            item = f"BODY.PEEK[{section}]<{offset}.{chunk}>"
+            data = self.client.fetch([uid], [item]).get(uid)
+            if data is None:
+                raise PermanentMailError("the mail disappeared while it was being read")
+            piece = _fetch_key(data, f"BODY[{section}]".encode()) or b""
+            write(piece)
+            offset += len(piece)
+            # RFC 3501 §6.4.5: a partial fetch past the end returns fewer octets (or none).
+            if len(piece) < chunk:
+                return offset
+
+    def newest(
+        self, criteria: list[Any], charset: str | None, limit: int
+    ) -> list[tuple[int, Any]]:
+        """(uid, INTERNALDATE) of the `limit` newest matches of SEARCH criteria, newest first."""
+        if self.has("SORT"):
+            # RFC 5256: the server orders by arrival; SORT always names a charset.
+            order = ["REVERSE", "ARRIVAL"]
+            uids = list(self.client.sort(order, criteria, charset or "US-ASCII"))[:limit]
+        else:
+            uids = list(self.client.search(criteria, charset))
+        dated: list[tuple[int, datetime]] = []
+        for start in range(0, len(uids), 1000):
+            batch = uids[start : start + 1000]
+            data = self.client.fetch(batch, ["INTERNALDATE"])
+            dated += [(u, data[u][b"INTERNALDATE"]) for u in batch if u in data]
+        dated.sort(key=lambda pair: (pair[1], pair[0]), reverse=True)
+        return dated[:limit]
+
+    def headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
+        """(uid, the header fields the digest shows) for each UID still there."""
+        return _fetch_headers(self.client, uids)
+
+    def summary(self, uid: int) -> FetchedMail | None:
+        """What the watcher fetches of a new mail, for one UID; None when it is not there."""
+        return next(iter(_fetch_summaries(self.client, [uid])), None)
+
+
+def _bare_id(value: bytes) -> bytes:
+    """A Message-ID (or a header field holding one) without brackets and whitespace."""
+    _name, colon, rest = value.partition(b":")
+    value = rest if colon and not value.lstrip().startswith(b"<") else value
+    found = _MSG_ID.search(value)
+    text = found.group(0) if found else value
+    return b"".join(text.split()).strip(b"<>")
+
+
+def _uid_set(text: bytes) -> list[int] | None:
+    """An RFC 3501 sequence set of UIDs ("4", "4:6,9") in order; None when unreadable."""
+    result: list[int] = []
+    try:
+        for piece in text.split(b","):
+            first, _, last = piece.partition(b":")
+            low, high = int(first), int(last or first)
+            step = 1 if high >= low else -1
+            if abs(high - low) > 10_000:
+                return None
+            result += range(low, high + step, step)
+    except ValueError:
+        return None
+    return result
+
+
+def _copyuid(data: object, uid: int) -> Copied | None:
+    """Our mail's new UID from "COPYUID <uidvalidity> <source set> <destination set>"."""
+    fields = data.split() if isinstance(data, bytes) else []
+    if len(fields) != 3 or not fields[0].isdigit():
+        return None
+    sources, targets = _uid_set(fields[1]), _uid_set(fields[2])
+    if sources is None or targets is None or len(sources) != len(targets) or uid not in sources:
+        return None
+    # RFC 4315 §3: the two sets list the UIDs in the same order.
+    return Copied(uidvalidity=int(fields[0]), uid=targets[sources.index(uid)])
+
+
+async def with_connection(settings: ImapSettings, work: Callable[[MailConnection], T]) -> T:
+    """Log in on a fresh connection, run `work` on it in a worker thread, log out.
+
+    Errors `work` raises on purpose (BridgeError) pass through; library and network errors
+    become TemporaryMailError or PermanentMailError (classify()).
+    """
+
+    def run() -> T:
+        client = _login(settings)
+        try:
+            # Cached from the LOGIN answer; SELECT would discard it.
+            client.capabilities()
+            return work(MailConnection(client))
+        finally:
+            _logout(client)
+
+    try:
+        return await asyncio.to_thread(run)
+    except BridgeError:
         raise
     except Exception as exc:
         raise classify(exc) from exc

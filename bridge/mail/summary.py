@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from bridge.mail.parse import ParsedMail
 
@@ -215,3 +216,88 @@ def with_origin(summary: str, origin: str) -> str:
         return summary
     line = f"📥 {_esc(_shorten(_one_line(origin), 80))}\n"
     return line + summary if _utf16(line + summary) <= MAX_MESSAGE else summary
+
+
+def split_text(text: str, limit: int = MAX_MESSAGE) -> list[str]:
+    """The whole text as Telegram-HTML messages of at most `limit` UTF-16 units each, split at
+    paragraph, then line, then word boundaries; each message is escaped on its own, so no
+    entity is ever cut."""
+    tidy = re.sub(r"\n{3,}", "\n\n", _clean(text)).strip()
+    chunks: list[str] = []
+    current = ""
+    for piece in _pieces(tidy, limit):
+        joined = f"{current}\n\n{piece}" if current else piece
+        if _utf16(_esc(joined)) <= limit:
+            current = joined
+            continue
+        if current:
+            chunks.append(current)
+        current = piece
+    if current:
+        chunks.append(current)
+    return [_esc(chunk) for chunk in chunks]
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """Paragraphs, with any paragraph too long for one message cut at lines, then words."""
+    pieces: list[str] = []
+    for paragraph in text.split("\n\n"):
+        if _utf16(_esc(paragraph)) <= limit:
+            pieces.append(paragraph)
+            continue
+        line_buf = ""
+        for line in paragraph.split("\n"):
+            for part in _hard_split(line, limit):
+                joined = f"{line_buf}\n{part}" if line_buf else part
+                if _utf16(_esc(joined)) <= limit:
+                    line_buf = joined
+                else:
+                    pieces.append(line_buf)
+                    line_buf = part
+        if line_buf:
+            pieces.append(line_buf)
+    return [p for p in pieces if p.strip()]
+
+
+def _hard_split(line: str, limit: int) -> list[str]:
+    """A line longer than a message: cut at spaces, else anywhere (never inside an escape)."""
+    parts: list[str] = []
+    while _utf16(_esc(line)) > limit:
+        used, cut = 0, 0
+        for ch in line:
+            used += _utf16(_esc(ch))
+            if used > limit:
+                break
+            cut += 1
+        space = line.rfind(" ", 0, cut)
+        cut = space if space > cut // 2 else cut
+        parts.append(line[:cut])
+        line = line[cut:].lstrip(" ")
+    return [*parts, line] if line else parts
+
+
+@dataclass(frozen=True)
+class ListLine:
+    """One mail in a list (/search, /inbox): when, who, what."""
+
+    date: datetime | None
+    sender: str
+    subject: str
+
+
+def render_list(title: str, lines: Sequence[ListLine]) -> str:
+    """A numbered list of mails in one message: each line shortened so that every line fits
+    (Telegram's 4,096 limit), dates with their own UTC offset."""
+    head = f"<b>{_esc(_shorten(_one_line(title), 200))}</b>"
+    if not lines:
+        return head
+    budget = (MAX_MESSAGE - _utf16(head) - 40) // len(lines) - 2
+    rows: list[str] = []
+    for n, line in enumerate(lines, 1):
+        when = line.date.strftime("%d %b %H:%M %z") if line.date else "—"
+        sender = _esc(_shorten(_one_line(line.sender) or "(unknown sender)", min(40, budget // 3)))
+        prefix = f"{n}. {when} · {sender} · "
+        room = budget - _utf16(prefix) - len("<b></b>")
+        subject = _esc(_shorten(_one_line(line.subject) or "(no subject)", max(room, 8)))
+        rows.append(f"{prefix}<b>{subject}</b>")
+    return "\n".join([head, *rows])

@@ -43,11 +43,25 @@ class Command:
 
 def command_table() -> list[Command]:
     """Every command, in the order /help lists them."""
-    from bridge.telegram import send
+    from bridge import search
+    from bridge.telegram import buttons, send
 
     return [
-        Command("send", "/send ADDR[,ADDR] SUBJECT", "write a mail (alone: step by step)", None),
-        Command("inbox", "/inbox [N]", "the newest N mails, one line each", commands.inbox),
+        Command(
+            "send",
+            "/send [@ACCOUNT] ADDR[,ADDR] SUBJECT",
+            "write a mail (alone: step by step)",
+            None,
+        ),
+        Command(
+            "search",
+            "/search WORDS [from: to: subject: since: before:]",
+            "find mail on the server",
+            search.search,
+        ),
+        Command("inbox", "/inbox [N]", "the newest N mails, one line each", search.inbox),
+        Command("mutes", "/mutes", "the muted senders", buttons.mutes),
+        Command("unmute", "/unmute ADDRESS", "post mail from that sender again", buttons.unmute),
         Command("status", "/status", "connection state, last check, counts", commands.status),
         Command("help", "/help", "this list", commands.help_),
         Command("start", "/start", "your ids and whether you may use the bot", commands.start),
@@ -99,8 +113,8 @@ def build_application(
     telegram: TelegramSettings, bot: ExtBot[int], dependencies: Deps
 ) -> Application[Any, Any, Any, Any, Any, Any]:
     """The one place that builds the Application and adds handlers (order matters)."""
+    from bridge.telegram import buttons, replies, send
     from bridge.telegram import open as open_mail
-    from bridge.telegram import replies, send
 
     table = command_table()
 
@@ -131,6 +145,7 @@ def build_application(
     application.add_handler(CommandHandler("cancel", send.cancel))
     application.add_handler(replies.handler())
     application.add_handler(open_mail.handler())
+    application.add_handler(buttons.handler())
     application.add_handler(MessageHandler(filters.COMMAND, unknown_command))
     application.add_error_handler(on_error)
     return application

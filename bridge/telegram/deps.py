@@ -13,12 +13,13 @@ from bridge.db.engine import Database
 if TYPE_CHECKING:
     from bridge.chat_to_mail import Outbox
     from bridge.delivery import ChatLocks, Delivery
+    from bridge.jobs import JobRunner
     from bridge.mail_to_chat import FolderStatus
 
 
 @dataclass(frozen=True)
 class Deps:
-    """Settings, database, each folder's status, delivery, its chat locks and the outbox."""
+    """Settings, database, each folder's status, delivery and its chat locks, outbox, jobs."""
 
     settings: Settings
     db: Database
@@ -26,6 +27,7 @@ class Deps:
     delivery: Delivery
     chat_locks: ChatLocks
     outbox: Outbox
+    jobs: JobRunner
 
 
 def deps(context: ContextTypes.DEFAULT_TYPE) -> Deps:

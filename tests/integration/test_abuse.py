@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.chat import answer, answer_containing
 from tests.integration.conftest import OWNER, running
-from tests.integration.test_send import answer, answer_containing
 
 STRANGER = 31337
 

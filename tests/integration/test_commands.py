@@ -10,45 +10,17 @@ from collections.abc import Iterator
 import pytest
 
 from bridge.logs import setup_logging
+from tests.integration.chat import answer, mail, texts
 from tests.integration.conftest import OWNER, running
-from tests.servers.botapi import html_to_text
 
 STRANGER = 777_001
 GROUP = -100_555
 COMMANDS = ["send", "inbox", "status", "help", "start", "cancel"]
 
 
-def mail(subject_header: str, n: int, sender: str = "Ann <ann@example.org>") -> bytes:
-    """A small mail; `subject_header` is put on the wire as given (may be RFC 2047)."""
-    return (
-        f"From: {sender}\r\n"
-        "To: me@example.org\r\n"
-        f"Date: Mon, 0{n} Jun 2026 10:00:00 +0000\r\n"
-        f"Subject: {subject_header}\r\n"
-        f"Message-ID: <cmd-{n}@example.org>\r\n"
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        "\r\n"
-        f"Body {n}.\r\n"
-    ).encode()
-
-
-async def answer(botapi, chat_id: int, timeout: float = 10.0) -> str:
-    """The visible text of the bot's next sendMessage to `chat_id` (bounded wait)."""
-    while True:
-        call = await botapi.next_call("sendMessage", timeout=timeout, ok_only=True)
-        if int(call.params["chat_id"]) == chat_id:
-            text = str(call.params["text"])
-            return html_to_text(text) if call.params.get("parse_mode") == "HTML" else text
-
-
-def texts_to(botapi, chat_id: int) -> list[str]:
-    """Every text the bot sent to `chat_id`."""
-    return [
-        str(c.params["text"])
-        for c in botapi.calls("sendMessage")
-        if int(c.params["chat_id"]) == chat_id
-    ]
+def dated(n: int) -> str:
+    """A Date header value on the n-th of June 2026."""
+    return f"Mon, 0{n} Jun 2026 10:00:00 +0000"
 
 
 def calls_to(botapi, chat_id: int) -> list[str]:
@@ -92,15 +64,15 @@ async def test_status_shows_idle_last_uid_and_posted_count(
 ) -> None:
     async with running(settings_for()) as bridge:
         await bridge.ready()
-        bridge.checked.clear()
-        uid = dovecot.append(mail_user.name, mail_user.password, mail("Status probe", 1))
+        uid = dovecot.append(mail_user.name, mail_user.password, mail("Status probe"))
+        # The watcher records the mail and its status (last UID, count) before delivery can
+        # post it: once it is in the chat, /status must show it.
         assert "Status probe" in await answer(botapi, OWNER)
-        await bridge.ready()  # the check that posted it has finished (last UID recorded)
         botapi.send_user_message(OWNER, OWNER, "/status")
         text = await answer(botapi, OWNER)
-    assert "IMAP: connected (IDLE)" in text
-    assert f"Last UID: {uid}" in text
-    assert "Mails posted: 1 since start, 1 in all" in text
+    assert "• default/INBOX: connected (IDLE), checked " in text
+    assert f", last UID {uid}, 1 posted" in text
+    assert "Mails posted: 1 in all" in text
 
 
 async def test_inbox_lists_newest_first_decoded_and_sets_no_seen(
@@ -113,7 +85,7 @@ async def test_inbox_lists_newest_first_decoded_and_sets_no_seen(
         ("Newest plain", "Newest plain"),
     ]
     uids = [
-        dovecot.append(mail_user.name, mail_user.password, mail(raw, n))
+        dovecot.append(mail_user.name, mail_user.password, mail(raw, f"Body {n}.", date=dated(n)))
         for n, (raw, _) in enumerate(subjects, start=1)
     ]
     async with running(settings_for()) as bridge:
@@ -162,12 +134,12 @@ async def test_stranger_gets_one_refusal_and_nothing_else(
         # Updates are handled in order: once the owner is answered, the stranger's are done.
         botapi.send_user_message(OWNER, OWNER, "/help")
         await answer(botapi, OWNER)
-        refusals = texts_to(botapi, STRANGER)
+        refusals = texts(botapi, STRANGER)
         assert len(refusals) == 1
         assert str(STRANGER) in refusals[0]
         assert "not on its allow-list" in refusals[0]
         assert calls_to(botapi, STRANGER) == ["sendMessage"]
-        assert not any("Newest" in t or "Status" in t for t in texts_to(botapi, OWNER))
+        assert not any("Newest" in t or "Status" in t for t in texts(botapi, OWNER))
         assert _logins(dovecot, mail_user) == logins  # no IMAP session for /inbox
 
 
@@ -185,8 +157,8 @@ async def test_group_strangers_chatter_ignored_commands_refused_owner_served(
         served = await answer(botapi, GROUP)
     assert str(STRANGER) in refusal
     assert "not on its allow-list" in refusal
-    assert "IMAP: connected" in served
-    assert len(texts_to(botapi, GROUP)) == 2
+    assert "default/INBOX: connected" in served
+    assert len(texts(botapi, GROUP)) == 2
 
 
 async def test_group_stranger_plain_message_gets_no_answer(settings_for, botapi) -> None:
@@ -195,7 +167,7 @@ async def test_group_stranger_plain_message_gets_no_answer(settings_for, botapi)
         botapi.send_user_message(STRANGER, GROUP, "hello everyone", chat_type="group")
         botapi.send_user_message(OWNER, GROUP, "/help", chat_type="group")
         assert "/inbox" in await answer(botapi, GROUP)
-    assert len(texts_to(botapi, GROUP)) == 1
+    assert len(texts(botapi, GROUP)) == 1
 
 
 async def test_empty_allow_list_serves_nobody(settings_for, botapi) -> None:
@@ -208,7 +180,7 @@ async def test_empty_allow_list_serves_nobody(settings_for, botapi) -> None:
         await answer(botapi, STRANGER)  # handled after the owner's /status
     assert str(OWNER) in refusal
     assert "not on its allow-list" in refusal
-    assert len(texts_to(botapi, OWNER)) == 1  # the /status got nothing
+    assert len(texts(botapi, OWNER)) == 1  # the /status got nothing
 
 
 async def test_command_sent_while_down_is_answered_after_start(settings_for, botapi) -> None:
@@ -253,7 +225,7 @@ async def test_logs_never_contain_the_token_or_passwords(
     logging.getLogger().addHandler(caplog.handler)  # after the masking handler
     async with running(settings) as bridge:
         await bridge.ready()
-        dovecot.append(mail_user.name, mail_user.password, mail("Log probe", 1))
+        dovecot.append(mail_user.name, mail_user.password, mail("Log probe"))
         assert "Log probe" in await answer(botapi, OWNER)
         botapi.send_user_message(OWNER, OWNER, "/inbox 1")
         assert "Log probe" in await answer(botapi, OWNER)

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +27,21 @@ NOT_FOUND_MESSAGE = (
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _APPENDUID_RE = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
+# RFC 6154 SPECIAL-USE folders, the same in 2.3 and 2.4 syntax. `auto = no` (the default): a
+# folder is only marked once it exists, so a test decides which ones a user has
+# (create_folders) and the other tests' mailboxes stay as they were.
+_SPECIAL_USE = """\
+  mailbox Archive {
+    special_use = \\Archive
+  }
+  mailbox Trash {
+    special_use = \\Trash
+  }
+  mailbox Junk {
+    special_use = \\Junk
+  }
+"""
+PROBE_USER = "capability-probe"
 
 # Dovecot 2.3 syntax: https://doc.dovecot.org/2.3/ (the Debian 12 package).
 _CONFIG_23 = """\
@@ -56,8 +72,8 @@ mail_max_userip_connections = 100
 mailbox_idle_check_interval = 1 secs
 namespace inbox {{
   inbox = yes
-}}
-passdb {{
+{special_use}}}
+{capability}passdb {{
   driver = passwd-file
   args = {users}/%u
 }}
@@ -116,8 +132,8 @@ mail_max_userip_connections = 100
 mailbox_idle_check_interval = 1 secs
 namespace inbox {{
   inbox = yes
-}}
-passdb passwd-file {{
+{special_use}}}
+{capability}passdb passwd-file {{
   passwd_file_path = {users}/%{{user}}
 }}
 userdb static {{
@@ -180,13 +196,27 @@ def dovecot_version() -> tuple[int, ...]:
 class DovecotServer:
     """Dovecot serving IMAPS only, with its own config, users and maildirs in a temp dir."""
 
-    def __init__(self, ca: CA, *, host: str = "127.0.0.1", port: int | None = None) -> None:
-        """Prepare (but do not start) a server using `ca`'s localhost certificate."""
+    def __init__(
+        self,
+        ca: CA,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        without_capabilities: Iterable[str] = (),
+    ) -> None:
+        """Prepare (but do not start) a server using `ca`'s localhost certificate.
+
+        `without_capabilities` (e.g. ("MOVE",)) are left out of the CAPABILITY list announced
+        after login (Dovecot's imap_capability), for testing clients against older servers.
+        """
         self.ca = ca
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.version = dovecot_version()
         self.config_format = "2.4" if self.version[:2] >= (2, 4) else "2.3"
+        self.without_capabilities = tuple(c.upper() for c in without_capabilities)
+        # 2.3 can only replace the whole list: start() learns the default one first.
+        self._capability_list: tuple[str, ...] | None = None
         # Not pytest's tmp_path: that is 0700, and Dovecot's unprivileged processes must enter.
         self.directory = Path(tempfile.mkdtemp(prefix="mailbridge-dovecot."))
         self.directory.chmod(0o755)
@@ -235,6 +265,26 @@ class DovecotServer:
         self.users_dir.mkdir(mode=0o755)
         self.home_root.mkdir(mode=0o755)
         self._chown(self.home_root)
+        self._write_config()
+
+    def _capability_setting(self) -> str:
+        """The imap_capability line(s) that leave out without_capabilities ("" for none)."""
+        if not self.without_capabilities:
+            return ""
+        if self.config_format == "2.4":
+            # 2.4: imap_capability is a boollist; "NAME = no" removes one from the default.
+            lines = "".join(f"  {name} = no\n" for name in self.without_capabilities)
+            return f"imap_capability {{\n{lines}}}\n"
+        if self._capability_list is None:
+            return ""  # the first start learns the default list (see start())
+        kept = [c for c in self._capability_list if c.upper() not in self.without_capabilities]
+        return f"imap_capability = {' '.join(kept)}\n"
+
+    def _write_config(self) -> None:
+        """Write dovecot.conf from the template for the installed version."""
+        ssl_dir = self.directory / "ssl"
+        cert = ssl_dir / "cert.pem"
+        key = ssl_dir / "key.pem"
         template = _CONFIG_24 if self.config_format == "2.4" else _CONFIG_23
         self.config_file.write_text(
             template.format(
@@ -253,6 +303,8 @@ class DovecotServer:
                 gid=self.mail_gid,
                 home=self.home_root,
                 port=self.port,
+                special_use=_SPECIAL_USE,
+                capability=self._capability_setting(),
             )
         )
 
@@ -287,6 +339,23 @@ class DovecotServer:
         self._wait_for_master(deadline)
         self._disable_auth_penalty()
         self._wait_for_greeting(deadline)
+        if self.without_capabilities and self.config_format == "2.3":
+            self._limit_capabilities_23(timeout)
+
+    def _limit_capabilities_23(self, timeout: float) -> None:
+        """Learn 2.3's default post-login CAPABILITY list once, then restart without some."""
+        if self._capability_list is not None:
+            return
+        if not (self.users_dir / PROBE_USER).exists():
+            self.add_user(PROBE_USER, "probe-password")
+        client = self.connect(PROBE_USER, "probe-password")
+        try:
+            self._capability_list = tuple(c.decode() for c in client.capabilities())
+        finally:
+            client.logout()
+        self.stop()
+        self._write_config()
+        self.start(timeout)
 
     def _check_alive(self) -> None:
         """Raise DovecotError with the log if the master process has exited."""
@@ -390,6 +459,31 @@ class DovecotServer:
         partial.chmod(0o644)
         partial.rename(path)
 
+    def create_folders(self, user: str, password: str, *names: str) -> None:
+        """Create folders for `user` (Archive, Trash and Junk get their SPECIAL-USE flag)."""
+        client = self.connect(user, password)
+        try:
+            for name in names:
+                client.create_folder(name)
+        finally:
+            client.logout()
+
+    def folders(self, user: str, password: str) -> dict[str, set[bytes]]:
+        """Every folder of `user` with its LIST attributes (RFC 6154 SPECIAL-USE included)."""
+        client = self.connect(user, password)
+        try:
+            return {str(name): set(flags) for flags, _, name in client.list_folders()}
+        finally:
+            client.logout()
+
+    def capabilities(self, user: str, password: str) -> set[str]:
+        """The CAPABILITY list a logged-in client sees."""
+        client = self.connect(user, password)
+        try:
+            return {c.decode().upper() for c in client.capabilities()}
+        finally:
+            client.logout()
+
     def user_home(self, name: str) -> Path:
         """Return the user's home directory (the userdb `home`)."""
         return self.home_root / name
@@ -421,13 +515,17 @@ class DovecotServer:
         raw: bytes,
         mailbox: str = "INBOX",
         flags: Iterable[bytes | str] = (),
+        msg_time: datetime | None = None,
     ) -> int:
-        """Deliver `raw` with IMAP APPEND (waking other sessions' IDLE) and return its UID."""
+        """Deliver `raw` with IMAP APPEND (waking other sessions' IDLE) and return its UID.
+
+        `msg_time` sets the INTERNALDATE (arrival time), as a mail imported later has.
+        """
         client = self.connect(user, password)
         try:
             if mailbox.upper() != "INBOX" and not client.folder_exists(mailbox):
                 client.create_folder(mailbox)
-            response = client.append(mailbox, raw, flags=tuple(flags))
+            response = client.append(mailbox, raw, flags=tuple(flags), msg_time=msg_time)
         finally:
             client.logout()
         match = _APPENDUID_RE.search(response)

@@ -1,5 +1,6 @@
 """render_summary / render_unparseable: escaping, Telegram's length limit, layout."""
 
+import html
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -214,3 +215,43 @@ def test_render_batch_of_a_backlog_shows_newest_and_busiest_senders() -> None:
     assert "2005. Boss: " in text
     assert "s0@x.org (667)" in text
     assert "s1@x.org (667)" in text
+
+
+def test_split_text_keeps_paragraphs_and_limits() -> None:
+    from bridge.mail.summary import split_text
+
+    paragraphs = [f"Paragraph {n} " + "word & <tag> " * 40 for n in range(30)]
+    text = "\n\n".join(paragraphs)
+    chunks = split_text(text, limit=1000)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert_telegram_html(chunk)
+        assert len(chunk.encode("utf-16-le")) // 2 <= 1000
+    joined = "\n\n".join(chunks)
+    for paragraph in paragraphs:  # never cut inside a paragraph that fits one message
+        assert html.escape(paragraph.strip(), quote=False) in joined
+
+
+def test_split_text_cuts_a_giant_line_without_losing_text() -> None:
+    from bridge.mail.summary import split_text
+
+    line = "😀&" * 5000  # one line, far over one message, entities and surrogate pairs
+    chunks = split_text(line)
+    assert all(len(c.encode("utf-16-le")) // 2 <= 4096 for c in chunks)
+    assert html.unescape("".join(chunks)) == line
+
+
+def test_render_list_of_50_long_lines_fits_and_keeps_time_zones() -> None:
+    from bridge.mail.summary import ListLine, render_list
+
+    when = datetime(2026, 11, 30, 9, 5, tzinfo=timezone(timedelta(hours=-5)))
+    lines = [
+        ListLine(when, "Ann \u202eevil\u202c Example" * 5, "A rather long subject line " * 8)
+        for _ in range(50)
+    ]
+    text = render_list("Newest 50 in INBOX", lines)
+    assert_telegram_html(text)
+    assert len(text.encode("utf-16-le")) // 2 <= 4096
+    assert text.count("\n") == 50
+    assert "30 Nov 09:05 -0500" in text
+    assert "\u202e" not in text  # bidi overrides stripped as in summaries
