@@ -13,6 +13,7 @@ from telegram.ext import CallbackQueryHandler, ContextTypes
 
 from bridge.db import store
 from bridge.mail.summary import plain_text
+from bridge.telegram.keyboards import summary_keyboard
 from bridge.telegram.deps import deps
 from bridge.telegram.errors import Verdict, classify
 
@@ -74,6 +75,12 @@ async def _post(
     reply_to = ReplyParameters(pressed.message_id, allow_sending_without_reply=True)
     summary = shown.record.summary
     text = plain_line(shown)
+    keyboard = summary_keyboard(
+        shown.posted_mail_id,
+        attachments=shown.record.attachments,
+        seen=shown.seen,
+        state=shown.state,
+    )
     if summary:
         try:
             return await context.bot.send_message(
@@ -82,6 +89,7 @@ async def _post(
                 parse_mode=ParseMode.HTML,
                 message_thread_id=thread,
                 reply_parameters=reply_to,
+                reply_markup=keyboard,
             )
         except TelegramError as exc:
             if classify(exc).verdict is not Verdict.BAD_HTML:
@@ -89,7 +97,11 @@ async def _post(
             logger.warning("Telegram refused a stored summary's HTML; sending its plain text")
             text = plain_text(summary)
     return await context.bot.send_message(
-        pressed.chat.id, text, message_thread_id=thread, reply_parameters=reply_to
+        pressed.chat.id,
+        text,
+        message_thread_id=thread,
+        reply_parameters=reply_to,
+        reply_markup=keyboard,
     )
 
 

@@ -17,7 +17,7 @@ from bridge.mail.compose import (
     reply_references,
     reply_subject,
 )
-from bridge.telegram.deps import deps
+from bridge.telegram.deps import Deps, deps
 from bridge.telegram.send import AttachmentError, attachments_of, submit, text_of
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if original.from_user is None or original.from_user.id != context.bot.id:
         return  # people answering each other in a group: not for us
     d = deps(context)
+    asked = await d.db.run(store.find_by_summary, chat.id, original.message_id, ("forward",))
+    if asked:
+        await forward_to(update, d, asked[0])
+        return
     async with d.chat_locks[chat.id]:  # a summary being recorded right now is found
         shown = await d.db.run(store.find_by_summary, chat.id, original.message_id)
     if not shown:
@@ -113,6 +117,33 @@ async def reply(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await message.reply_text(str(exc), do_quote=False)
         return
     await submit(update, context, mail, message.message_id, account=mail_shown.account)
+
+
+async def forward_to(update: Update, d: Deps, shown: store.ShownMail) -> None:
+    """The answer to "forward to whom?": check the addresses like /send, then queue the job
+    that fetches the original and hands it to the outbox."""
+    message, chat = update.effective_message, update.effective_chat
+    if message is None or chat is None:
+        return
+    try:
+        to = parse_addresses(text_of(message))
+    except InvalidMail as exc:
+        await message.reply_text(f"Not forwarded: {exc} Reply to my question again.")
+        return
+    job = await d.db.run(
+        store.add_job,
+        update_id=update.update_id,
+        kind="forward",
+        chat_id=chat.id,
+        user_id=update.effective_user.id if update.effective_user else None,
+        message_id=message.message_id,
+        thread_id=message.message_thread_id if message.is_topic_message else None,
+        posted_mail_id=shown.posted_mail_id,
+        args=", ".join(to),
+    )
+    if job is not None:
+        await message.reply_text(f"↪️ Forwarding to {', '.join(to)}…", do_quote=False)
+        d.jobs.wake()
 
 
 def handler() -> MessageHandler[Any, Any]:
