@@ -13,9 +13,9 @@ from telegram.ext import CallbackQueryHandler, ContextTypes
 
 from bridge.db import store
 from bridge.mail.summary import plain_text
-from bridge.telegram.keyboards import summary_keyboard
 from bridge.telegram.deps import deps
 from bridge.telegram.errors import Verdict, classify
+from bridge.telegram.keyboards import summary_keyboard
 
 logger = logging.getLogger(__name__)
 
