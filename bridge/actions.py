@@ -143,7 +143,8 @@ def _locate(conn: MailConnection, loc: MailLocation, *, readonly: bool) -> MailL
     if state is None:
         raise MailGone(loc.folder)
     # RFC 3501 §2.3.1.1: while UIDVALIDITY stays the same, a UID names the same mail for good.
-    if state.uidvalidity == loc.uidvalidity and conn.live_flags(loc.uid) is not None:
+    same = state.uidvalidity == loc.uidvalidity and loc.uid > 0  # UID 0 names no mail
+    if same and conn.live_flags(loc.uid) is not None:
         return loc
     uids = conn.find_message_id(loc.message_id) if loc.message_id.strip("<> ") else []
     if not uids:
@@ -252,8 +253,9 @@ def _decode_text(part: MimePart, data: bytes, complete: bool) -> str:
     decoder = TransferDecoder(part.encoding)
     body = decoder.feed(data) + decoder.finish()
     charset = part.params.get("charset")
-    if part.content_type == "text/html" and not charset and (m := _META_CHARSET.search(body)):
-        charset = m.group(1).decode("ascii", "replace")
+    sniffed = _META_CHARSET.search(body[:4096]) if part.content_type == "text/html" else None
+    if not charset and sniffed:
+        charset = sniffed.group(1).decode("ascii", "replace")
     text = decode_bytes(body, charset, _no_note, partial=not complete)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 

@@ -622,11 +622,9 @@ class MailConnection:
 
 
 def _bare_id(value: bytes) -> bytes:
-    """A Message-ID (or a header field holding one) without brackets and whitespace."""
-    _name, colon, rest = value.partition(b":")
-    value = rest if colon and not value.lstrip().startswith(b"<") else value
+    """A Message-ID (or the header field holding one) without brackets and whitespace."""
     found = _MSG_ID.search(value)
-    text = found.group(0) if found else value
+    text = found.group(0) if found else re.sub(rb"(?i)^\s*message-id\s*:", b"", value)
     return b"".join(text.split()).strip(b"<>")
 
 

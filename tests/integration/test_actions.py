@@ -110,7 +110,7 @@ def message_id(raw: bytes) -> str:
 
 
 def contents(server: DovecotServer, user: MailUser, folder: str) -> dict[int, tuple[str, set]]:
-    """{uid: (Message-ID, flags)} of a folder, read after EXAMINE (changes nothing)."""
+    """{uid: (Message-ID, flags but \\Recent)} of a folder, read after EXAMINE."""
     client = server.connect(user.name, user.password)
     try:
         client.select_folder(folder, readonly=True)
@@ -119,7 +119,10 @@ def contents(server: DovecotServer, user: MailUser, folder: str) -> dict[int, tu
     finally:
         client.logout()
     return {
-        uid: (message_id(item[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"]), set(item[b"FLAGS"]))
+        uid: (
+            message_id(item[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"]),
+            set(item[b"FLAGS"]) - {b"\\Recent"},  # RFC 3501: per session, not the mail's
+        )
         for uid, item in data.items()
     }
 
@@ -256,6 +259,22 @@ async def test_move_to_role_folder_with_move(dovecot, mail_user, ca, role, folde
     assert moved.message_id == loc.message_id
     assert contents(dovecot, mail_user, folder)[moved.uid] == (loc.message_id, set())
     assert contents(dovecot, mail_user, "INBOX") == {}
+
+
+async def test_new_uid_comes_from_copyuid(dovecot, dovecot_no_move, ca) -> None:
+    """Without a Message-ID only the server's COPYUID can say where the mail went."""
+    for server in (dovecot, dovecot_no_move):
+        user = new_user(server, *ROLE_FOLDERS)
+        imap = settings(server, user, ca)
+        for n in range(3):
+            put(server, user, mail(f"Earlier {n}"), "Junk")
+        loc = put(server, user, b"From: a@example.org\r\nSubject: Anonymous\r\n\r\nHi\r\n")
+        moved = await actions.move(imap, loc, "junk")
+        assert (moved.folder, moved.uid) == ("Junk", 4)
+        assert moved.uidvalidity == uidvalidity(server, user, "Junk")
+        assert await actions.locate(imap, moved) == moved
+        fetched = await actions.fetch_summary_source(imap, moved)
+        assert parse_mail(fetched.raw).subject == "Anonymous"
 
 
 async def test_undo_moves_it_back_with_its_new_location(dovecot, mail_user, ca) -> None:
@@ -400,7 +419,7 @@ async def test_full_text_of_plain_html_qp_and_base64(dovecot, mail_user, ca) -> 
     alt = put(dovecot, mail_user, (MAILS / "alternative-plain-and-html.eml").read_bytes())
     both = await actions.full_text(imap, alt)
     assert both.text == "Plain version – read me."
-    assert both.html == "<p>HTML <b>version</b></p>\n"
+    assert both.html == "<p>HTML <b>version</b></p>"
 
 
 # Attachments

@@ -584,6 +584,25 @@ class DovecotServer:
             raise DovecotError(f"no message with UID {uid} in {user}'s {mailbox}")
         return set(data[uid][b"FLAGS"])
 
+    def uids(self, user: str, password: str, mailbox: str = "INBOX") -> list[int]:
+        """UIDs of the messages in a folder not marked \\Deleted, ascending (read-only)."""
+        client = self.connect(user, password)
+        try:
+            client.select_folder(mailbox, readonly=True)
+            return sorted(client.search(["NOT", "DELETED"]))
+        finally:
+            client.logout()
+
+    def expunge(self, user: str, password: str, uid: int, mailbox: str = "INBOX") -> None:
+        """Delete one message for good, as another mail client would."""
+        client = self.connect(user, password)
+        try:
+            client.select_folder(mailbox)
+            client.add_flags([uid], [b"\\Deleted"])
+            client.uid_expunge([uid])
+        finally:
+            client.logout()
+
     def log_text(self) -> str:
         """Return Dovecot's log file plus anything it wrote to stdout/stderr."""
         parts = [
