@@ -49,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,6 +101,37 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process, every thread (CLOCK_PROCESS_CPUTIME_ID; the
     same sum as os.times(), without its 10 ms ticks)."""
     return time.process_time()
+
+
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """Thread id -> (kind, CPU seconds) of every live Python thread (per-thread CPU clocks).
+
+    Kinds: "loop" (the event loop's thread), "imap" (the bridge's IMAP executor), "db" (the
+    default executor of asyncio.to_thread: database calls), "other".
+    """
+    kinds = {"MainThread": "loop", "imap": "imap", "asyncio": "db"}
+    found: dict[int, tuple[str, float]] = {}
+    for thread in threading.enumerate():
+        if thread.ident is None:
+            continue
+        try:
+            clock = time.pthread_getcpuclockid(thread.ident)
+            found[thread.ident] = (
+                kinds.get(thread.name.split("_")[0], "other"),
+                time.clock_gettime(clock),
+            )
+        except (OSError, ProcessLookupError):
+            continue  # ended meanwhile
+    return found
+
+
+def thread_cpu_since(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per kind of thread since `before`, for threads alive at both moments."""
+    spent: dict[str, float] = {}
+    for ident, (kind, cpu) in thread_cpu().items():
+        if ident in before:
+            spent[kind] = spent.get(kind, 0.0) + cpu - before[ident][1]
+    return spent
 
 
 # --- child: one configuration in its own process --------------------------------------------
@@ -170,9 +202,11 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
                 up = time.monotonic() - started
                 await asyncio.sleep(args.settle)
                 ROUNDS.clear()
+                threads0 = thread_cpu()
                 wall0, cpu0 = time.monotonic(), cpu_seconds()
                 await asyncio.sleep(args.window)
                 wall, cpu = time.monotonic() - wall0, cpu_seconds() - cpu0
+                by_thread = thread_cpu_since(threads0)
                 rounds = list(ROUNDS)
                 after = proc_status("VmRSS", "Threads", "VmHWM")
         polled = max(0, len(folders) - (args.budget - 1)) if len(folders) > args.budget else 0
@@ -189,6 +223,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             "window_s": wall,
             "cpu_s": cpu,
             "rounds": rounds,
+            "by_thread": by_thread,
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -285,6 +320,25 @@ def report(args: argparse.Namespace, results: list[tuple[str, dict[str, Any]]]) 
         f"poll_interval {DEFAULT_POLL:g} s."
     )
     print("Targets: < 2 MB a folder; < 1 s CPU a minute at 50 folders.")
+    print()
+    print("Where the window's CPU went (s/min, STATUS rounds included; per-thread CPU clocks)")
+    kinds = ("loop", "imap", "db", "other")
+    print(
+        f"{'folders':>7} | {'budget':<14} | "
+        + " | ".join(f"{k:>6}" for k in kinds)
+        + f" | {'rest':>6} | {'total':>6}"
+    )
+    for mode, r in results:
+        scale = 60 / r["window_s"]
+        spent = r["by_thread"]
+        rest = r["cpu_s"] - sum(spent.values())
+        print(
+            f"{r['folders']:>7} | {mode:<14} | "
+            + " | ".join(f"{spent.get(k, 0.0) * scale:>6.3f}" for k in kinds)
+            + f" | {rest * scale:>6.3f} | {r['cpu_s'] * scale:>6.3f}"
+        )
+    print("loop = event loop thread (the bridge and the fake Bot API); imap = the bridge's IMAP")
+    print("executor; db = asyncio.to_thread workers; rest = threads that ended in the window.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -116,7 +116,7 @@ class JobRunner:
             logger.exception("could not record the end of job %d", job.id)
 
     async def _dispatch(self, job: store.JobRecord) -> None:
-        if job.kind == "search":
+        if job.kind in ("search", "inbox"):
             from bridge.search import run_search  # the search job lives with /search
 
             await run_search(self, job)

@@ -598,12 +598,10 @@ class MailConnection:
         self, criteria: list[Any], charset: str | None, limit: int
     ) -> list[tuple[int, Any]]:
         """(uid, INTERNALDATE) of the `limit` newest matches of SEARCH criteria, newest first."""
-        if self.has("SORT"):
-            # RFC 5256: the server orders by arrival; SORT always names a charset.
-            order = ["REVERSE", "ARRIVAL"]
-            uids = list(self.client.sort(order, criteria, charset or "US-ASCII"))[:limit]
-        else:
-            uids = list(self.client.search(criteria, charset))
+        # Within a folder UIDs grow in arrival order (RFC 3501 §2.3.1.1), so the highest UIDs
+        # are the newest. Not SORT (REVERSE ARRIVAL): RFC 5256 breaks its ties, mail that
+        # arrived in the same second, in ascending order, which keeps the oldest of a burst.
+        uids = sorted(self.client.search(criteria, charset))[-limit:] if limit else []
         dated: list[tuple[int, datetime]] = []
         for start in range(0, len(uids), 1000):
             batch = uids[start : start + 1000]

@@ -1005,8 +1005,11 @@ class FakeBotApi:
                     thread = replied.get("message_thread_id")  # a reply stays in its topic
         if thread is not None:
             self._place_in_topic(message, chat_id, _as_int(thread, "message_thread_id"))
-        if params.get("reply_markup") is not None:
-            message["reply_markup"] = params["reply_markup"]
+        markup = params.get("reply_markup")
+        # Bot API: a Message carries only an inline keyboard; ForceReply and reply keyboards
+        # act on the client and are not returned.
+        if isinstance(markup, dict) and "inline_keyboard" in markup:
+            message["reply_markup"] = markup
         return message
 
     def _send_message(self, params: JSON) -> JSON:
