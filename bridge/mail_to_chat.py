@@ -207,7 +207,7 @@ class FolderWatcher:
         )
 
     async def check(self, session: ImapSession, stop: asyncio.Event) -> None:
-        """Hand every mail above the cursor to delivery, in UID order, batch by batch."""
+        """Hand every mail above the cursor to delivery, in UID order."""
         mailbox = self.mailbox
         if mailbox is None:
             raise PermanentMailError(f"{self.name}: checked before it was opened")
@@ -215,24 +215,36 @@ class FolderWatcher:
         self.status.last_check = datetime.now(UTC)
         if uids:
             muted = await self.db.run(store.muted_addresses)
-            # A burst: headers only (a digest line each), never hundreds of full fetches.
-            burst = len(uids) >= self.digest_threshold
-            for start in range(0, len(uids), FETCH_BATCH):
-                if stop.is_set():
-                    raise Stopped
-                batch = uids[start : start + FETCH_BATCH]
-                items: list[tuple[int, str, ParsedMail | None]]
-                if burst:
-                    mails = [(uid, parse_mail(raw)) for uid, raw in await session.headers(batch)]
-                    items = [(uid, render_summary(m, preview_chars=0), m) for uid, m in mails]
-                else:
-                    items = [
-                        (f.uid, *summarise(f, self.preview_chars))
-                        for f in await session.fetch(batch)
-                    ]
-                await self._record(mailbox, items, muted, batch[-1])
+            if len(uids) >= self.digest_threshold:
+                # A burst: headers only, never hundreds of full fetches, and recorded in one
+                # transaction, so that delivery sees it whole and sends one combined message.
+                mails = [(uid, parse_mail(raw)) for uid, raw in await session.headers(uids)]
+                items: list[tuple[int, str, ParsedMail | None]] = [
+                    (uid, render_summary(m, preview_chars=0), m) for uid, m in mails
+                ]
+                await self._record(mailbox, items, muted, uids[-1])
+            else:
+                await self._fetch_and_record(session, mailbox, uids, muted, stop)
         self.status.last_uid = self.mailbox.last_uid if self.mailbox else 0
         self.checked.set()
+
+    async def _fetch_and_record(
+        self,
+        session: ImapSession,
+        mailbox: store.MailboxState,
+        uids: list[int],
+        muted: set[str],
+        stop: asyncio.Event,
+    ) -> None:
+        """Fetch and record batch by batch: the cursor moves with every batch."""
+        for start in range(0, len(uids), FETCH_BATCH):
+            if stop.is_set():
+                raise Stopped
+            batch = uids[start : start + FETCH_BATCH]
+            items: list[tuple[int, str, ParsedMail | None]] = [
+                (f.uid, *summarise(f, self.preview_chars)) for f in await session.fetch(batch)
+            ]
+            await self._record(mailbox, items, muted, batch[-1])
 
     async def _record(
         self,
