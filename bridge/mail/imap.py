@@ -32,6 +32,8 @@ IDLE_RENEW = 9 * 60.0
 # How long one blocking idle_check may last: bounds how long a stop request waits.
 IDLE_SLICE = 1.0
 FETCH_BATCH = 25
+# /search looks at this many times the results it shows, to order ties by UID.
+SORT_MARGIN = 3
 # BODY.PEEK: never set \Seen.
 _PREFIX_ITEM = f"BODY.PEEK[]<0.{PREFIX_BYTES}>"
 _SUMMARY_ITEMS = [_PREFIX_ITEM, "BODYSTRUCTURE", "RFC822.SIZE"]
@@ -598,10 +600,16 @@ class MailConnection:
         self, criteria: list[Any], charset: str | None, limit: int
     ) -> list[tuple[int, Any]]:
         """(uid, INTERNALDATE) of the `limit` newest matches of SEARCH criteria, newest first."""
-        # Within a folder UIDs grow in arrival order (RFC 3501 §2.3.1.1), so the highest UIDs
-        # are the newest. Not SORT (REVERSE ARRIVAL): RFC 5256 breaks its ties, mail that
-        # arrived in the same second, in ascending order, which keeps the oldest of a burst.
-        uids = sorted(self.client.search(criteria, charset))[-limit:] if limit else []
+        if self.has("SORT"):
+            # RFC 5256: ordered by arrival, newest first; but ties (mail that arrived in the
+            # same second) come in ascending order, so look past the cut and re-sort below.
+            order = ["REVERSE", "ARRIVAL"]
+            found = self.client.sort(order, criteria, charset or "US-ASCII")
+            uids = list(found)[: limit * SORT_MARGIN]
+        else:
+            # UIDs grow in arrival order within a folder (RFC 3501 §2.3.1.1): the highest are
+            # nearly always the newest.
+            uids = sorted(self.client.search(criteria, charset))[-limit * SORT_MARGIN :]
         dated: list[tuple[int, datetime]] = []
         for start in range(0, len(uids), 1000):
             batch = uids[start : start + 1000]
