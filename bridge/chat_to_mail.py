@@ -8,7 +8,6 @@ import email.policy
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from telegram import Bot
@@ -110,7 +109,8 @@ class Outbox:
                 )
         sender = settings.smtp.sender
         message_id = make_message_id(sender)
-        message = build_message(mail, sender, message_id=message_id)
+        # Off the event loop: a 20 MB attachment takes seconds to encode.
+        raw = await asyncio.to_thread(_flatten, mail, sender, message_id)
         recipients = envelope_recipients(mail)
         account_id = await self._account_id(account)
         item_id = await self.db.run(
@@ -121,7 +121,7 @@ class Outbox:
             message_id=message_id,
             recipients=recipients,
             subject=mail.subject,
-            raw=message.as_bytes(policy=email.policy.SMTP),
+            raw=raw,
             source_message_id=source_message_id,
         )
         if item_id is None:
@@ -153,7 +153,8 @@ class Outbox:
         """Send due items until stop is set; the item in hand is finished first."""
         while not stop.is_set():
             try:
-                due = await self.db.run(store.due_outbox, datetime.now(UTC))
+                # One item at a time: an item may hold a 20 MB mail.
+                due = await self.db.run(store.due_outbox, datetime.now(UTC), 1)
                 for item in due:
                     await self._attempt(item)
                     if stop.is_set():
@@ -192,14 +193,14 @@ class Outbox:
             logger.warning("outbox item %d failed: %s", item.id, error)
             await self._tell(item, f"❌ Not sent: {error}.")
             return
-        message = email.message_from_bytes(item.raw, _class=EmailMessage, policy=email.policy.SMTP)
 
         async def record_sent(answer: str) -> None:
             # The mail is gone: this write must land, or a restart would send it again.
             await self.db.persist(store.mark_outbox, item.id, "sent", error=answer)
 
         try:
-            await smtp.send(message, list(item.recipients), account.smtp, record_sent)
+            # The stored bytes, as they are: nothing is parsed back or built again.
+            await smtp.send(item.raw, list(item.recipients), account.smtp, record_sent)
         except TemporaryMailError as exc:
             await self._retry_or_fail(item, str(exc))
             return
@@ -237,3 +238,8 @@ class Outbox:
             await self.bot.send_message(item.chat_id, text)
         except TelegramError as exc:
             logger.warning("could not report outbox item %d to the chat: %s", item.id, exc)
+
+
+def _flatten(mail: OutgoingMail, sender: str, message_id: str) -> bytes:
+    """The mail as the bytes that go over SMTP (and into the Sent folder)."""
+    return build_message(mail, sender, message_id=message_id).as_bytes(policy=email.policy.SMTP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from email.message import EmailMessage
@@ -24,12 +25,14 @@ _E = TypeVar("_E", bound=BaseException)
 
 
 async def send(
-    message: EmailMessage,
+    message: EmailMessage | bytes,
     recipients: Sequence[str],
     settings: SmtpSettings,
     accepted: Callable[[str], Awaitable[None]] | None = None,
 ) -> str:
     """Send `message` to exactly `recipients` (the envelope); return the server's answer line.
+
+    Bytes (a mail built before, as the outbox stores it) are sent exactly as they are.
 
     The Bcc header is never transmitted; `recipients` is the whole RCPT TO list. When the
     server refuses some recipients but accepts others, the mail has been delivered, so this
@@ -43,9 +46,12 @@ async def send(
         raise PermanentMailError("the mail has no recipient")
     sender = _bare_address(settings.sender)
     async with _session(settings) as (smtp, _greeting):
-        refused, answer = await smtp.send_message(
-            message, sender=sender, recipients=list(recipients)
-        )
+        if isinstance(message, bytes):
+            refused, answer = await smtp.sendmail(sender, list(recipients), message)
+        else:
+            refused, answer = await smtp.send_message(
+                message, sender=sender, recipients=list(recipients)
+            )
         # RFC 5321 §4.2.2: the message was accepted only after DATA was answered with 250.
         result = _one_line(f"250 {answer}", settings)
         if refused:
@@ -57,7 +63,7 @@ async def send(
             await accepted(result)
     logger.info(
         "sent %s to %d of %d recipients: %s",
-        message.get("Message-ID", "(no Message-ID)"),
+        _message_id(message),
         len(recipients) - len(refused),
         len(recipients),
         result,
@@ -133,6 +139,14 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         if loop.time() >= deadline:
             break
         await asyncio.sleep(0.01)
+
+
+def _message_id(message: EmailMessage | bytes) -> str:
+    """The Message-ID, for the log line."""
+    if isinstance(message, bytes):
+        found = re.search(rb"(?im)^message-id:\s*(<[^>\r\n]*>)", message[:20_000])
+        return found.group(1).decode("ascii", "replace") if found else "(no Message-ID)"
+    return str(message.get("Message-ID", "(no Message-ID)"))
 
 
 def _bare_address(sender: str) -> str:

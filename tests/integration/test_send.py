@@ -543,3 +543,46 @@ async def test_outbox_items_keep_their_account_across_a_restart(
     assert home_received.login == smtpd.username
     assert len(smtpd.received) == 1
     assert len(work_smtpd.received) == 1
+
+
+async def test_a_big_attachment_is_built_off_the_event_loop(tmp_path, botapi) -> None:
+    """Building a 20 MB outgoing mail takes a second of CPU: it must not stall the bot."""
+
+    from bridge.chat_to_mail import Outbox
+    from bridge.config import AccountSettings, ImapSettings, SmtpSettings, TelegramSettings
+    from bridge.mail.compose import OutgoingAttachment, OutgoingMail
+
+    engine = make_engine(f"sqlite:///{tmp_path}/out.db")
+    upgrade_to_head(engine)
+    account = AccountSettings(
+        name="default",
+        imap=ImapSettings(host="127.0.0.1", username="me@example.org", password="x"),
+        smtp=SmtpSettings(host="127.0.0.1"),
+    )
+    telegram = TelegramSettings(token=botapi.token, api_url=botapi.url)
+    outbox = Outbox([account], telegram, Database(engine), None)  # submit never posts
+    data = secrets.token_bytes(20 * 1024 * 1024)
+    mail = OutgoingMail(
+        to=("ann@example.org",),
+        subject="Big one",
+        body="Attached.",
+        attachments=(OutgoingAttachment("big.bin", "application/octet-stream", data),),
+    )
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.01)  # the measurement itself, not a synchronisation
+            lags.append(loop.time() - before - 0.01)
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.05)  # the heartbeat is ticking before the work starts
+    item = await outbox.submit(mail, account="default")
+    done.set()
+    await beat
+    engine.dispose()
+    assert item is not None
+    assert max(lags) < 0.3, f"the event loop stalled for {max(lags):.2f} s"
