@@ -20,6 +20,7 @@ from bridge.errors import BridgeError, DatabaseError, PermanentMailError, Tempor
 from bridge.mail import smtp
 from bridge.mail.compose import OutgoingMail, build_message, envelope_recipients, make_message_id
 from bridge.mail.imap import append_sent
+from bridge.telegram.errors import Verdict, classify
 
 logger = logging.getLogger(__name__)
 
@@ -232,12 +233,23 @@ class Outbox:
             await self._tell(item, f"⏳ Not sent yet ({error}); I will keep trying.")
 
     async def _tell(self, item: store.OutgoingRecord, text: str) -> None:
-        if item.chat_id is None:
-            return
-        try:
-            await self.bot.send_message(item.chat_id, text)
-        except TelegramError as exc:
-            logger.warning("could not report outbox item %d to the chat: %s", item.id, exc)
+        """Tell the chat the outcome: a report, so a few tries, never a reason to stop."""
+        chat_id = item.chat_id
+        for _attempt in range(3):
+            if chat_id is None:
+                return
+            try:
+                await self.bot.send_message(chat_id, text)
+                return
+            except TelegramError as exc:
+                failure = classify(exc)
+            if failure.verdict is Verdict.MIGRATED:
+                chat_id = failure.new_chat_id  # the group became a supergroup
+            elif failure.verdict in (Verdict.RETRY_AFTER, Verdict.TRANSIENT):
+                await asyncio.sleep(min(failure.delay or 2.0, 30.0))
+            else:
+                break
+        logger.warning("could not report outbox item %d to the chat: %s", item.id, failure.reason)
 
 
 def _flatten(mail: OutgoingMail, sender: str, message_id: str) -> bytes:

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -61,7 +62,7 @@ class Mailbox(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(1000))  # RFC 3501 sets no limit; servers ~1,000
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -86,7 +87,7 @@ class PostedMail(Base):
     summary: Mapped[str] = mapped_column(Text, default="")  # Telegram HTML, <= 4,096 characters
     attachments: Mapped[int] = mapped_column(Integer, default=0)
     # Where the mail is now, after buttons moved it ("" / None: where the watcher found it).
-    location_folder: Mapped[str] = mapped_column(String(255), default="")
+    location_folder: Mapped[str] = mapped_column(String(1000), default="")
     location_uidvalidity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     location_uid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="")  # "", archived, deleted, spam
@@ -201,13 +202,66 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class Lease(Base):
+    """Who does a piece of work now, when several instances share the database (a folder's
+    watcher, the Telegram poller). Renewed by its holder; taken over once expired. The fencing
+    token grows with every new holder, so a paused instance that lost its lease can tell."""
+
+    __tablename__ = "lease"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(100))
+    token: Mapped[int] = mapped_column(BigInteger, default=1)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ChatSend(Base):
+    """A message sent to a chat: per-chat pacing that holds across instances."""
+
+    __tablename__ = "chat_send"
+    __table_args__ = (Index("ix_chat_send_chat_id_sent_at", "chat_id", "sent_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ProcessedUpdate(Base):
+    """A Telegram update one instance handled (webhook mode: every instance takes updates)."""
+
+    __tablename__ = "processed_update"
+
+    update_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OAuthToken(Base):
+    """An account's OAuth2 tokens, encrypted with BRIDGE_SECRET_KEY (Fernet): never plain."""
+
+    __tablename__ = "oauth_token"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("account.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    access_token: Mapped[str] = mapped_column(Text, default="")  # Fernet token
+    refresh_token: Mapped[str] = mapped_column(Text, default="")  # Fernet token
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    scope: Mapped[str] = mapped_column(Text, default="")
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)  # sign in again
+    told: Mapped[bool] = mapped_column(Boolean, default=False)  # the chat was told so
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class OutboxItem(Base):
     """An outgoing mail: written before sending, marked sent only after SMTP accepted it."""
 
     __tablename__ = "outbox_item"
     # Telegram re-delivers an update when the bridge dies before confirming it: the same chat
-    # message must not become a second mail.
-    __table_args__ = (UniqueConstraint("chat_id", "source_message_id"),)
+    # message must not become a second mail. The index serves the per-user rate limit.
+    __table_args__ = (
+        UniqueConstraint("chat_id", "source_message_id"),
+        Index("ix_outbox_item_user_id_created_at", "user_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)

@@ -13,10 +13,10 @@ import logging
 from typing import Any
 
 from telegram import Update
-from telegram.error import Conflict, InvalidToken, RetryAfter, TelegramError
+from telegram.error import Conflict, TelegramError
 from telegram.ext import Application
 
-from bridge.retry import retry_delay
+from bridge.telegram.errors import Verdict, classify
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +50,19 @@ async def poll(
             return
         try:
             updates = fetch.result()
-        except InvalidToken:
-            raise
-        except RetryAfter as exc:
-            delay = retry_delay(exc)
-            continue
-        except Conflict as exc:
-            logger.error("another program polls this bot (%s); retrying", exc.message)
-            delay = MAX_BACKOFF
-            continue
         except TelegramError as exc:
-            if not delay:
-                logger.warning("getUpdates failed (%s); retrying", str(exc).splitlines()[0][:100])
-            delay = min(MAX_BACKOFF, max(1.0, delay * 2))
+            failure = classify(exc)
+            if failure.verdict is Verdict.TOKEN:
+                raise
+            if failure.verdict is Verdict.RETRY_AFTER and failure.delay is not None:
+                delay = failure.delay
+            elif isinstance(exc, Conflict):
+                logger.error("another program polls this bot (%s); retrying", failure.reason)
+                delay = MAX_BACKOFF
+            else:
+                if not delay:
+                    logger.warning("getUpdates failed (%s); retrying", failure.reason)
+                delay = min(MAX_BACKOFF, max(1.0, delay * 2))
             continue
         delay = 0.0
         for update in updates:

@@ -41,7 +41,7 @@ def test_models_and_migrations_do_not_drift(db: Database) -> None:
 
 
 def test_upgrade_is_idempotent(db: Database) -> None:
-    assert upgrade_to_head(db.engine) == "0005"
+    assert upgrade_to_head(db.engine) == "0006"
 
 
 def test_unknown_revision_is_refused(db: Database) -> None:
