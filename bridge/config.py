@@ -14,7 +14,7 @@ import json
 import os
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -91,11 +91,42 @@ class CoreSettings(BaseModel):
 
     database_url: str = "sqlite:///data/bridge.db"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    # Several instances on one database: a dead instance's work is taken over after this.
+    lease_seconds: float = Field(default=30.0, ge=3, le=3600)
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+def _host_port(value: str | None) -> str | None:
+    """HOST:PORT (a listening address), or None."""
+    if value is None or value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return f"{host or '0.0.0.0'}:{port}"  # noqa: S104 - the user asked for every address
+
+
+class HttpSettings(BaseModel):
+    """The health and metrics endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = None  # HOST:PORT; off when unset
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        return _host_port(value)
 
 
 class TelegramSettings(BaseModel):
@@ -118,11 +149,33 @@ class TelegramSettings(BaseModel):
     # Bot API: uploads up to 50 MB; a self-hosted Bot API server in local mode takes 2,000.
     upload_limit_mb: int = Field(default=50, ge=1, le=2000)
     send_dialogue_timeout: float = Field(default=600.0, gt=0)
+    # Webhook mode instead of long polling: every instance takes updates behind a proxy.
+    webhook_url: str | None = None
+    webhook_listen: str | None = None  # HOST:PORT the webhook server listens on
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _token_file(cls, data: Any) -> Any:
-        return _secret_twin(data, "token")
+        return _secret_twin(_secret_twin(data, "token"), "webhook_secret")
+
+    @field_validator("webhook_listen")
+    @classmethod
+    def _webhook_listen(cls, value: str | None) -> str | None:
+        return _host_port(value)
+
+    @model_validator(mode="after")
+    def _webhook(self) -> TelegramSettings:
+        """Webhook mode needs the public URL, the address to listen on and a secret."""
+        given = [self.webhook_url, self.webhook_listen, self.webhook_secret]
+        if any(given) and not all(given):
+            raise ValueError(
+                "webhook mode needs webhook_url, webhook_listen and webhook_secret(_file)"
+            )
+        if self.webhook_url and not self.webhook_url.startswith("https://"):
+            raise ValueError("webhook_url must start with https:// (Telegram's rule)")
+        return self
 
     @field_validator("allowed_user_ids", "notify_chat_ids", mode="before")
     @classmethod
@@ -312,6 +365,7 @@ class Settings:
     telegram: TelegramSettings
     accounts: tuple[AccountSettings, ...]
     routes: tuple[RouteSettings, ...] = ()
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def account(self, name: str | None = None) -> AccountSettings:
         """The named account; without a name the only (else the first) one."""
@@ -326,6 +380,8 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every secret value, for the log filter that masks them."""
         values = [self.telegram.token.get_secret_value()]
+        if self.telegram.webhook_secret is not None:
+            values.append(self.telegram.webhook_secret.get_secret_value())
         for account in self.accounts:
             values += account.secrets()
         return [v for v in values if v]
@@ -346,6 +402,9 @@ class _Sources(BaseSettings):
     config_file: Path | None = None
     database_url: Any = None
     log_level: Any = None
+    log_format: Any = None
+    lease_seconds: Any = None
+    http: dict[str, Any] = Field(default_factory=dict)
     telegram: dict[str, Any] = Field(default_factory=dict)
     imap: dict[str, Any] | None = None
     smtp: dict[str, Any] | None = None
@@ -483,7 +542,12 @@ def _routes(
 
 
 def _core(raw: _Sources, errors: list[str]) -> CoreSettings | None:
-    data = {"database_url": raw.database_url, "log_level": raw.log_level}
+    data = {
+        "database_url": raw.database_url,
+        "log_level": raw.log_level,
+        "log_format": raw.log_format,
+        "lease_seconds": raw.lease_seconds,
+    }
     return _validate(CoreSettings, {k: v for k, v in data.items() if v is not None}, "", errors)
 
 
@@ -504,9 +568,12 @@ def load_settings() -> Settings:
     telegram = _validate(TelegramSettings, raw.telegram, "BRIDGE_TELEGRAM__", errors)
     accounts = _accounts(raw, errors)
     routes = _routes(raw, accounts, errors)
-    if errors or core is None or telegram is None or not accounts:
+    http = _validate(HttpSettings, raw.http, "BRIDGE_HTTP__", errors)
+    if errors or core is None or telegram is None or http is None or not accounts:
         raise ConfigError("; ".join(errors))
-    return Settings(core=core, telegram=telegram, accounts=tuple(accounts), routes=tuple(routes))
+    return Settings(
+        core=core, telegram=telegram, accounts=tuple(accounts), routes=tuple(routes), http=http
+    )
 
 
 def load_account(name: str | None = None) -> AccountSettings:
