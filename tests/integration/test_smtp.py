@@ -38,7 +38,7 @@ def smtp_settings(server: Any, ca: Any, **overrides: Any) -> SmtpSettings:
         "timeout": 5.0,
     }
     values.update(overrides)
-    return SmtpSettings(_env_file=None, **values)
+    return SmtpSettings(**values)
 
 
 def outgoing(**kwargs: Any) -> OutgoingMail:
