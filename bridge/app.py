@@ -6,25 +6,31 @@ import asyncio
 import contextlib
 import logging
 import signal
+import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application
 
+from bridge import http
 from bridge.chat_to_mail import Outbox
 from bridge.config import AccountSettings, Settings
 from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
 from bridge.delivery import ChatLocks, Delivery
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, TokenRefused
 from bridge.jobs import JobRunner
-from bridge.logs import mask_secrets
+from bridge.leases import Leases
+from bridge.logs import SecretFilter, mask_secrets
 from bridge.mail_to_chat import FolderPoller, FolderWatcher
-from bridge.retry import Backoff, wait_or_stop
+from bridge.retry import Stopped
 from bridge.telegram import polling
 from bridge.telegram.bot import build_application, make_bot
 from bridge.telegram.deps import Deps
+from bridge.telegram.errors import call_until_answered
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,9 @@ async def run(
 ) -> None:
     """Run until stop is set (by SIGTERM/SIGINT when none is given); BridgeError on failure.
 
+    Whatever ends the service comes out as one BridgeError with a one-line message: a token
+    Telegram refuses as TokenRefused (a ConfigError: exit 2), a crash of any part as a
+    BridgeError naming where it happened (exit 1); its traceback is logged at DEBUG.
     `ready` is set once every watched folder has been checked (for tests and benchmarks).
     """
     if stop is None:
@@ -53,9 +62,50 @@ async def run(
         if not settings.telegram.allowed_user_ids:
             logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot serves nobody")
         await serve(settings, Database(engine), stop, ready)
+    except BridgeError:
+        raise
+    except Exception as exc:  # a crash (or several, from the task group): one line
+        logger.debug("the service ended with an unexpected error", exc_info=exc)
+        raise _failure(exc, SecretFilter(settings.secrets()).mask) from exc
     finally:
         engine.dispose()
         unmask()
+
+
+def _failure(exc: Exception, mask: Any) -> BridgeError:
+    """What a user must read of what ended the service, in one line."""
+    leaves = list(_leaves(exc))
+    if any(isinstance(leaf, TokenRefused | InvalidToken) for leaf in leaves):
+        return TokenRefused()
+    for leaf in leaves:
+        if isinstance(leaf, BridgeError):
+            return leaf
+    crash = leaves[0] if leaves else exc
+    detail = " ".join(str(crash).split())[:200]
+    what = f"{type(crash).__name__}: {detail}" if detail else type(crash).__name__
+    return BridgeError(
+        mask(f"crashed {_where(crash)}: {what} (BRIDGE_LOG_LEVEL=DEBUG logs the traceback)")
+    )
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups, or exc itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of the bridge's own code in the traceback: "in poll (file:line)"."""
+    package = Path(__file__).resolve().parent
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(package):
+            where = path.relative_to(package.parent).as_posix()
+            return f"in {frame.name} ({where}:{frame.lineno})"
+    return "outside the bridge's code"
 
 
 def _origin(settings: Settings, account: AccountSettings, folder: str) -> str:
@@ -103,7 +153,8 @@ async def serve(
     """The bot, the folder watchers, delivery and the outbox worker under one task group."""
     bot = make_bot(settings.telegram)
     locks = ChatLocks()
-    delivery = Delivery(settings.telegram, db, bot, locks)
+    leases = Leases(db, settings.core.lease_seconds)
+    delivery = Delivery(settings.telegram, db, bot, locks, leases)
     outbox = Outbox(settings.accounts, settings.telegram, db, bot)
     jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox)
     connections = sum(min(len(a.folders), a.imap.max_connections) for a in settings.accounts)
@@ -121,14 +172,8 @@ async def serve(
     )
     application = build_application(settings.telegram, bot, deps)
     try:
-        if not await _initialize(application, stop):
+        if not await _initialize(application, stop) or not await _set_commands(application, stop):
             return
-        # PTB calls post_init only from run_polling(); we start the parts ourselves.
-        if application.post_init is not None:
-            try:
-                await application.post_init(application)
-            except TelegramError as exc:  # the command menu is a convenience
-                logger.warning("could not set the bot's command menu: %s", exc)
         await delivery.load()
         await application.start()
         logger.info(
@@ -137,18 +182,24 @@ async def serve(
             len(watchers),
             len(polled),
         )
+        # Work only one instance may do at a time runs under a lease (one instance: all its).
+        for watcher in watchers:
+            if id(watcher) not in polled:
+                leases.add(watcher_lease(watcher), watcher.run)
+        for poller in pollers:
+            leases.add(f"poll:{poller.account.name}", poller.run)
+        leases.add(
+            "telegram:updates", lambda work_stop, _held: polling.poll(application, work_stop)
+        )
+        delivery.leases = leases
         async with asyncio.TaskGroup() as group:
-            group.create_task(polling.poll(application, stop))
+            group.create_task(leases.run(stop))
             group.create_task(delivery.run(stop))
             group.create_task(outbox.work(stop))
             group.create_task(jobs.run(stop))
-            for watcher in watchers:
-                if id(watcher) not in polled:
-                    group.create_task(watcher.run(stop))
-            for poller in pollers:
-                group.create_task(poller.run(stop))
+            group.create_task(http.serve(settings.http, deps, stop))
             if ready is not None:
-                group.create_task(_all_checked(watchers, delivery, ready, stop))
+                group.create_task(_all_checked(watchers, pollers, leases, delivery, ready, stop))
             await stop.wait()
         logger.info("stopping")
     finally:
@@ -158,12 +209,26 @@ async def serve(
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+def watcher_lease(watcher: FolderWatcher) -> str:
+    """The lease a folder's own watcher runs under."""
+    return f"folder:{watcher.account.name}/{watcher.folder}"
+
+
 async def _all_checked(
-    watchers: list[FolderWatcher], delivery: Delivery, ready: asyncio.Event, stop: asyncio.Event
+    watchers: list[FolderWatcher],
+    pollers: list[FolderPoller],
+    leases: Leases,
+    delivery: Delivery,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
 ) -> None:
-    """Set ready once every folder was checked and what they found was delivered."""
-    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.checked.wait()) for w in watchers]
-    waits.append(asyncio.ensure_future(_drained(watchers, delivery)))
+    """Set ready once every folder this instance watches was checked and what they found was
+    delivered."""
+    await leases.settled.wait()
+    polled = {id(w): f"poll:{p.account.name}" for p in pollers for w in p.watchers}
+    mine = [w for w in watchers if polled.get(id(w), watcher_lease(w)) in leases.held]
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.checked.wait()) for w in mine]
+    waits.append(asyncio.ensure_future(_drained(mine, delivery)))
     stopper = asyncio.ensure_future(stop.wait())
     everyone: asyncio.Future[Any] = asyncio.gather(*waits)
     try:
@@ -185,17 +250,29 @@ async def _drained(watchers: list[FolderWatcher], delivery: Delivery) -> None:
 async def _initialize(
     application: Application[Any, Any, Any, Any, Any, Any], stop: asyncio.Event
 ) -> bool:
-    """application.initialize() (getMe), retried while Telegram is unreachable."""
-    backoff = Backoff()
-    while True:
-        try:
-            await application.initialize()
-            return True
-        except InvalidToken as exc:
-            raise BridgeError("Telegram refused the bot token (BRIDGE_TELEGRAM__TOKEN)") from exc
-        except TelegramError as exc:
-            delay = backoff.next()
-            if backoff.attempt == 1:
-                logger.warning("Telegram unreachable (%s); retrying", exc)
-            if await wait_or_stop(stop, delay):
-                return False
+    """application.initialize() (getMe), retried while Telegram is unreachable; False when
+    stop was set first. TokenRefused when Telegram refuses the token."""
+    try:
+        await call_until_answered("getMe", application.initialize, stop)
+    except Stopped:
+        return False
+    return True
+
+
+async def _set_commands(
+    application: Application[Any, Any, Any, Any, Any, Any], stop: asyncio.Event
+) -> bool:
+    """The post_init hook (setMyCommands), retried like getMe; False when stop was set first.
+
+    PTB calls post_init only from run_polling(); we start the parts ourselves.
+    """
+    post_init = application.post_init
+    if post_init is None:
+        return True
+    try:
+        await call_until_answered("setMyCommands", lambda: post_init(application), stop)
+    except Stopped:
+        return False
+    except TelegramError as exc:  # refused for good: the command menu is a convenience
+        logger.warning("could not set the bot's command menu: %s", exc)
+    return True

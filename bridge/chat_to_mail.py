@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from telegram import Bot
 from telegram.error import TelegramError
 
+from bridge import metrics
 from bridge.config import AccountSettings, TelegramSettings
 from bridge.db import store
 from bridge.db.engine import Database
@@ -20,7 +21,7 @@ from bridge.errors import BridgeError, DatabaseError, PermanentMailError, Tempor
 from bridge.mail import smtp
 from bridge.mail.compose import OutgoingMail, build_message, envelope_recipients, make_message_id
 from bridge.mail.imap import append_sent
-from bridge.telegram.errors import Verdict, classify
+from bridge.telegram.errors import Verdict, classify, count
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Outbox:
         if account is None:
             error = f"the account {item.account!r} is no longer configured"
             await self.db.persist(store.mark_outbox, item.id, "failed", error=error)
+            metrics.OUTBOX_FAILED.labels(account=item.account or "").inc()
             logger.warning("outbox item %d failed: %s", item.id, error)
             await self._tell(item, f"❌ Not sent: {error}.")
             return
@@ -207,9 +209,11 @@ class Outbox:
             return
         except PermanentMailError as exc:
             await self.db.persist(store.mark_outbox, item.id, "failed", error=str(exc))
+            metrics.OUTBOX_FAILED.labels(account=account.name).inc()
             logger.warning("outbox item %d failed: %s", item.id, exc)
             await self._tell(item, f"❌ Not sent: {exc}")
             return
+        metrics.OUTBOX_SENT.labels(account=account.name).inc()
         logger.info("outbox item %d sent", item.id)
         await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}")
         if account.imap.save_sent:
@@ -221,6 +225,7 @@ class Outbox:
     async def _retry_or_fail(self, item: store.OutgoingRecord, error: str) -> None:
         if datetime.now(UTC) - _aware(item.created_at) > GIVE_UP_AFTER:
             await self.db.run(store.mark_outbox, item.id, "failed", error=error)
+            metrics.OUTBOX_FAILED.labels(account=item.account or self._first.name).inc()
             await self._tell(item, f"❌ Not sent after {item.attempts + 1} attempts: {error}")
             return
         delay = min(MAX_RETRY_DELAY, 5.0 * 2**item.attempts)
@@ -240,9 +245,10 @@ class Outbox:
                 return
             try:
                 await self.bot.send_message(chat_id, text)
+                metrics.telegram_answered()
                 return
             except TelegramError as exc:
-                failure = classify(exc)
+                failure = count(classify(exc))
             if failure.verdict is Verdict.MIGRATED:
                 chat_id = failure.new_chat_id  # the group became a supergroup
             elif failure.verdict in (Verdict.RETRY_AFTER, Verdict.TRANSIENT):

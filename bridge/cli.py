@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     from bridge.logs import setup_logging
 
     settings = load_settings()
-    setup_logging(settings.core.log_level, settings.secrets())
+    setup_logging(settings.core.log_level, settings.secrets(), settings.core.log_format)
     if secure_env_file():
         logging.getLogger("bridge").warning(".env was readable by others; it is now owner-only")
     asyncio.run(app.run(settings))
@@ -112,7 +112,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from bridge.logs import setup_logging
 
     core = load_core()
-    setup_logging(core.log_level)
+    setup_logging(core.log_level, log_format=core.log_format)
     engine = make_engine(core.database_url)
     try:
         head = upgrade_to_head(engine)

@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -34,6 +35,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from cryptography.fernet import Fernet
 
 from bridge.errors import ConfigError
 
@@ -94,6 +97,39 @@ class CoreSettings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     # Several instances on one database: a dead instance's work is taken over after this.
     lease_seconds: float = Field(default=30.0, ge=3, le=3600)
+    # Fernet key(s) that encrypt OAuth2 tokens in the database; comma-separated, newest first.
+    secret_key: SecretStr | None = None
+    secret_key_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_key_file(cls, data: Any) -> Any:
+        return _secret_twin(data, "secret_key")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        """Each comma-separated key must be a Fernet key; the message never shows the value."""
+        if value is None:
+            return None
+        keys = [key.strip() for key in value.get_secret_value().split(",")]
+        for key in keys:
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(
+                    "not a Fernet key (32 url-safe base64-encoded bytes; make one with: python "
+                    "-c 'from cryptography.fernet import Fernet; print(Fernet.generate_key()"
+                    ".decode())'; several keys: comma-separated, the newest first)"
+                ) from None
+        return SecretStr(",".join(keys))
+
+    @property
+    def secret_keys(self) -> list[str]:
+        """The Fernet keys, the one that encrypts first (empty without BRIDGE_SECRET_KEY)."""
+        if self.secret_key is None:
+            return []
+        return self.secret_key.get_secret_value().split(",")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -213,7 +249,10 @@ class ImapSettings(BaseModel):
     host: str
     port: int = Field(default=993, ge=1, le=65535)
     username: str
-    password: SecretStr
+    # Before `password`: the password check reads it. oauth2: SASL XOAUTH2 with the account's
+    # [accounts.oauth2] tokens (bridge/oauth.py) instead of a password.
+    auth: Literal["password", "oauth2"] = "password"
+    password: SecretStr | None = Field(default=None, validate_default=True)
     password_file: Path | None = None
     mailbox: str = "INBOX"
     ca_file: Path | None = None
@@ -234,10 +273,29 @@ class ImapSettings(BaseModel):
     def _password_file(cls, data: Any) -> Any:
         return _secret_twin(data, "password")
 
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("password")
+    @classmethod
+    def _password_needed(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None and info.data.get("auth", "password") == "password":
+            raise ValueError('required (or sign in with OAuth2: auth = "oauth2")')
+        return value
+
     @field_validator("ca_file")
     @classmethod
     def _ca_exists(cls, value: Path | None) -> Path | None:
         return _check_ca(value)
+
+    @property
+    def secret(self) -> str:
+        """The password (an OAuth2 login has none; only password logins ask)."""
+        if self.password is None:
+            raise ConfigError(f"IMAP {self.username}: no password (auth = {self.auth!r})")
+        return self.password.get_secret_value()
 
 
 class SmtpSettings(BaseModel):
@@ -249,6 +307,8 @@ class SmtpSettings(BaseModel):
     port: int = Field(default=465, ge=1, le=65535)
     security: Literal["ssl", "starttls"] = "ssl"
     username: str | None = None
+    # None: as the account's IMAP login (password, or oauth2: SASL XOAUTH2, bridge/oauth.py).
+    auth: Literal["password", "oauth2"] | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
     from_address: str | None = None
@@ -259,6 +319,11 @@ class SmtpSettings(BaseModel):
     @classmethod
     def _password_file(cls, data: Any) -> Any:
         return _secret_twin(data, "password")
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("security", mode="before")
     @classmethod
@@ -280,7 +345,74 @@ class SmtpSettings(BaseModel):
     @property
     def sender(self) -> str:
         """The From address of mail the bridge sends."""
-        return self.from_address or self.login[0]
+        if self.from_address:
+            return self.from_address
+        return self.login[0] if self.auth != "oauth2" else self.user
+
+    @property
+    def user(self) -> str:
+        """The login name (also for OAuth2, which has no password)."""
+        if self.username is None:
+            raise ConfigError("BRIDGE_SMTP__USERNAME: required (or set BRIDGE_IMAP__USERNAME)")
+        return self.username
+
+
+class OAuth2Settings(BaseModel):
+    """[accounts.oauth2]: the provider and the user's own client registration (none ships)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["microsoft", "google", "custom"]
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None  # public clients (Microsoft's) have none
+    client_secret_file: Path | None = None
+    # Microsoft: "common", "organizations", "consumers", a tenant id or a domain.
+    tenant: str = Field(default="common", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    # "custom" needs these; for microsoft and google they override the known endpoints.
+    device_authorization_url: str | None = None
+    authorization_url: str | None = None
+    token_url: str | None = None
+    scopes: Annotated[list[str] | None, NoDecode] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_secret_file(cls, data: Any) -> Any:
+        return _secret_twin(data, "client_secret")
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _provider_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _scope_list(cls, value: Any) -> Any:
+        """A JSON list, or scopes separated by spaces or commas (an environment variable)."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        return value
+
+    @field_validator("device_authorization_url", "authorization_url", "token_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        # RFC 6749 §3.1/§3.2: the endpoints require TLS; plain http only on this machine.
+        if value is None or value.startswith("https://"):
+            return value
+        if value.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+            return value
+        raise ValueError("must start with https:// (http:// only for 127.0.0.1 or localhost)")
+
+    @model_validator(mode="after")
+    def _custom_complete(self) -> OAuth2Settings:
+        """A custom provider names its token endpoint, a sign-in endpoint and the scopes."""
+        if self.provider == "custom":
+            missing = [name for name in ("token_url", "scopes") if not getattr(self, name)]
+            if not (self.device_authorization_url or self.authorization_url):
+                missing.append("device_authorization_url or authorization_url")
+            if missing:
+                raise ValueError(f'provider "custom" needs {", ".join(missing)}')
+        return self
 
 
 class AccountSettings(BaseModel):
@@ -292,24 +424,52 @@ class AccountSettings(BaseModel):
     folders: list[str] = Field(default_factory=list)
     imap: ImapSettings
     smtp: SmtpSettings
+    # After imap and smtp: the check below reads their `auth`.
+    oauth2: OAuth2Settings | None = Field(default=None, validate_default=True)
+
+    @field_validator("oauth2")
+    @classmethod
+    def _oauth2_needed(
+        cls, value: OAuth2Settings | None, info: ValidationInfo
+    ) -> OAuth2Settings | None:
+        imap, smtp = info.data.get("imap"), info.data.get("smtp")
+        imap_auth = imap.auth if imap is not None else "password"
+        smtp_auth = (smtp.auth if smtp is not None else None) or imap_auth
+        if value is None and "oauth2" in (imap_auth, smtp_auth):
+            raise ValueError(
+                'required when imap.auth or smtp.auth is "oauth2": the provider and client_id'
+            )
+        return value
 
     @model_validator(mode="after")
     def _defaults(self) -> AccountSettings:
-        """Folders default to imap.mailbox; the SMTP login to the IMAP login."""
+        """Folders default to imap.mailbox; the SMTP login (and its auth) to the IMAP login."""
         if not self.folders:
             self.folders.append(self.imap.mailbox)
         if len(set(self.folders)) != len(self.folders):
             raise ValueError("folders: a folder is listed twice")
+        if self.smtp.auth is None:
+            self.smtp.auth = self.imap.auth
         if self.smtp.username is None or self.smtp.password is None:
             self.smtp.username = self.smtp.username or self.imap.username
-            self.smtp.password = self.smtp.password or self.imap.password
+            if self.smtp.auth == "password":
+                self.smtp.password = self.smtp.password or self.imap.password
+        if self.smtp.auth == "password" and self.smtp.password is None:
+            raise ValueError(
+                'smtp.password: required (the IMAP login has none), or smtp.auth = "oauth2"'
+            )
         return self
+
+    @property
+    def uses_oauth2(self) -> bool:
+        """Whether the IMAP or the SMTP login signs in with OAuth2."""
+        return "oauth2" in (self.imap.auth, self.smtp.auth)
 
     def secrets(self) -> list[str]:
         """Every secret of this account."""
-        values = [self.imap.password.get_secret_value()]
-        if self.smtp.password is not None:
-            values.append(self.smtp.password.get_secret_value())
+        values = [s.get_secret_value() for s in (self.imap.password, self.smtp.password) if s]
+        if self.oauth2 is not None and self.oauth2.client_secret is not None:
+            values.append(self.oauth2.client_secret.get_secret_value())
         return values
 
 
@@ -384,6 +544,7 @@ class Settings:
             values.append(self.telegram.webhook_secret.get_secret_value())
         for account in self.accounts:
             values += account.secrets()
+        values += self.core.secret_keys
         return [v for v in values if v]
 
 
@@ -404,6 +565,9 @@ class _Sources(BaseSettings):
     log_level: Any = None
     log_format: Any = None
     lease_seconds: Any = None
+    secret_key: Any = None
+    secret_key_file: Any = None
+    oauth2: dict[str, Any] | None = None  # the `default` account's, as BRIDGE_OAUTH2__*
     http: dict[str, Any] = Field(default_factory=dict)
     telegram: dict[str, Any] = Field(default_factory=dict)
     imap: dict[str, Any] | None = None
@@ -510,7 +674,9 @@ def _accounts(raw: _Sources, errors: list[str]) -> list[AccountSettings]:
         smtp = _validate(SmtpSettings, smtp_data, "BRIDGE_SMTP__", errors)
         if imap is None or smtp is None:
             return []
-        return [AccountSettings(name=DEFAULT_ACCOUNT, imap=imap, smtp=smtp)]
+        data = {"name": DEFAULT_ACCOUNT, "imap": imap, "smtp": smtp, "oauth2": raw.oauth2}
+        account = _validate(AccountSettings, data, "BRIDGE_", errors)
+        return [] if account is None else [account]
     accounts: list[AccountSettings] = []
     for index, data in enumerate(raw.accounts):
         account = _validate(AccountSettings, data, f"accounts[{index}].", errors)
@@ -547,6 +713,8 @@ def _core(raw: _Sources, errors: list[str]) -> CoreSettings | None:
         "log_level": raw.log_level,
         "log_format": raw.log_format,
         "lease_seconds": raw.lease_seconds,
+        "secret_key": raw.secret_key,
+        "secret_key_file": raw.secret_key_file,
     }
     return _validate(CoreSettings, {k: v for k, v in data.items() if v is not None}, "", errors)
 
@@ -569,11 +737,39 @@ def load_settings() -> Settings:
     accounts = _accounts(raw, errors)
     routes = _routes(raw, accounts, errors)
     http = _validate(HttpSettings, raw.http, "BRIDGE_HTTP__", errors)
+    if core is not None:
+        errors += _missing_secret_key(core, accounts)
     if errors or core is None or telegram is None or http is None or not accounts:
         raise ConfigError("; ".join(errors))
     return Settings(
         core=core, telegram=telegram, accounts=tuple(accounts), routes=tuple(routes), http=http
     )
+
+
+def _missing_secret_key(core: CoreSettings, accounts: Iterable[AccountSettings]) -> list[str]:
+    """OAuth2 tokens are stored encrypted: an OAuth2 account needs BRIDGE_SECRET_KEY."""
+    names = [a.name for a in accounts if a.uses_oauth2]
+    if not names or core.secret_keys:
+        return []
+    return [
+        f"BRIDGE_SECRET_KEY: required for the OAuth2 account(s) {', '.join(names)}: a Fernet key "
+        "that encrypts their tokens (or BRIDGE_SECRET_KEY_FILE)"
+    ]
+
+
+def load_oauth_account(name: str) -> tuple[CoreSettings, AccountSettings]:
+    """An OAuth2 account and the core settings that store its tokens (`mailbridge login`)."""
+    account = load_account(name)
+    if account.oauth2 is None:
+        raise ConfigError(
+            f'ACCOUNT: the account {name!r} does not sign in with OAuth2 (set imap.auth = "oauth2" '
+            "and an [accounts.oauth2] block)"
+        )
+    core = load_core()
+    errors = _missing_secret_key(core, [account])
+    if errors:
+        raise ConfigError(errors[0])
+    return core, account
 
 
 def load_account(name: str | None = None) -> AccountSettings:
@@ -609,6 +805,14 @@ def load_smtp(account: str | None = None) -> SmtpSettings:
     smtp = _validate(SmtpSettings, raw.smtp, "BRIDGE_SMTP__", errors)
     if smtp is None:
         raise ConfigError("; ".join(errors))
+    if smtp.auth is None:
+        imap_auth = str((raw.imap or {}).get("auth", "")).lower()
+        smtp.auth = "oauth2" if imap_auth == "oauth2" else "password"
+    if smtp.auth == "oauth2":
+        smtp.username = smtp.username or (raw.imap or {}).get("username")
+        if smtp.username is None:
+            raise ConfigError("BRIDGE_SMTP__USERNAME: required (or set the BRIDGE_IMAP__ login)")
+        return smtp
     if smtp.username is None or smtp.password is None:
         imap = raw.imap or {}
         try:

@@ -21,9 +21,12 @@ from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
 
+from bridge import metrics
 from bridge.config import TelegramSettings
 from bridge.db import store
 from bridge.db.engine import Database
+from bridge.errors import TokenRefused
+from bridge.leases import Leases
 from bridge.mail.summary import (
     COMBINED_LISTED,
     BatchLine,
@@ -32,7 +35,7 @@ from bridge.mail.summary import (
     render_batch,
 )
 from bridge.retry import Backoff, Stopped, wait_or_stop
-from bridge.telegram.errors import TelegramFailure, Verdict, classify
+from bridge.telegram.errors import TelegramFailure, Verdict, classify, count
 from bridge.telegram.keyboards import open_keyboard, summary_keyboard
 
 logger = logging.getLogger(__name__)
@@ -66,7 +69,8 @@ class ChatState:
 
 class Pacer:
     """When the next message to a chat may go: about one a second per chat, and never more
-    than 20 in any minute to a group (spread out once half of that is used)."""
+    than 20 in any minute to a group (spread out once half of that is used). Times are
+    wall-clock seconds, so that sends recorded by other instances count too."""
 
     def __init__(self, interval: float, group_interval: float) -> None:
         self.interval, self.group_interval = interval, group_interval
@@ -91,6 +95,13 @@ class Pacer:
         """Count a message Telegram accepted."""
         self._sent[chat_id].append(now)
 
+    def load(self, chat_id: int, sent: list[float]) -> None:
+        """What was sent to the chat lately (by any instance), as a starting point."""
+        known = self._sent[chat_id]
+        merged = sorted({*known, *sent})
+        known.clear()
+        known.extend(merged)
+
 
 class _ChatRefused(Exception):
     """This chat cannot take messages now (kicked, blocked, gone, or a request it refuses)."""
@@ -110,9 +121,9 @@ class Delivery:
     """Per-chat queues of summaries, paced to Telegram's limits, recorded once accepted."""
 
     def __init__(
-        self, telegram: TelegramSettings, db: Database, bot: Bot, locks: ChatLocks
+        self, telegram: TelegramSettings, db: Database, bot: Bot, locks: ChatLocks, leases: Leases
     ) -> None:
-        self.db, self.bot, self.locks = db, bot, locks
+        self.db, self.bot, self.locks, self.leases = db, bot, locks, leases
         self.pacer = Pacer(telegram.chat_interval, telegram.group_interval)
         self.chat_retry = telegram.chat_retry
         self.chats: dict[int, ChatState] = defaultdict(ChatState)
@@ -145,7 +156,8 @@ class Delivery:
             while not stop.is_set():
                 self._wakeup.clear()
                 for chat_id in await self.db.run(store.pending_chats, datetime.now(UTC)):
-                    if chat_id not in self._workers:
+                    # One instance serves a chat at a time: its pacing and its order hold.
+                    if chat_id not in self._workers and await self._lease(chat_id):
                         self._workers[chat_id] = group.create_task(self._serve(chat_id, stop))
                 if not self._workers and not self._wakeup.is_set():
                     self.idle.set()
@@ -161,13 +173,24 @@ class Delivery:
                     for waiter in waiters:
                         waiter.cancel()
 
+    async def _lease(self, chat_id: int) -> bool:
+        """Take (or renew) this chat's lease; with it, what other instances sent lately."""
+        if await self.leases.take(f"chat:{chat_id}") is None:
+            return False
+        since = datetime.now(UTC) - timedelta(seconds=GROUP_WINDOW)
+        sent = await self.db.run(store.recent_sends, chat_id, since)
+        self.pacer.load(chat_id, [when.timestamp() for when in sent])
+        return True
+
     async def _serve(self, chat_id: int, stop: asyncio.Event) -> None:
         """Send what waits for one chat, batch after batch, until nothing is due."""
         try:
             while not stop.is_set():
-                wait = self.pacer.delay(chat_id, time.monotonic())
+                wait = self.pacer.delay(chat_id, time.time())
                 if wait > 0 and await wait_or_stop(stop, wait):
                     return
+                if not await self._lease(chat_id):
+                    return  # another instance serves this chat now
                 due = await self.db.run(
                     store.due_deliveries, chat_id, datetime.now(UTC), BATCH_LOAD
                 )
@@ -178,8 +201,12 @@ class Delivery:
             return
         except _ChatMoved as moved:
             await self._follow(chat_id, moved.new_chat_id)
+        except TokenRefused:
+            raise  # not this chat's problem: the service ends (exit 2)
         except Exception:  # one chat's surprise must not stop the others
-            logger.exception("delivery to chat %s failed unexpectedly", chat_id)
+            logger.exception(
+                "delivery to chat %s failed unexpectedly", chat_id, extra={"chat": chat_id}
+            )
         finally:
             del self._workers[chat_id]
             self._wakeup.set()  # rows may have arrived after the last look
@@ -193,9 +220,12 @@ class Delivery:
         try:
             async with self.locks[chat_id]:
                 message_id = await self._send_batch(chat_id, topic, batch, stop)
-                self.pacer.sent(chat_id, time.monotonic())
+                self.pacer.sent(chat_id, time.time())
                 await self.db.persist(
-                    store.mark_delivered, [item.id for item in batch], chat_id, message_id
+                    store.mark_delivered_and_paced,
+                    [item.id for item in batch],
+                    chat_id,
+                    message_id,
                 )
         except _ChatRefused as exc:
             await self._postpone(chat_id, due, str(exc))
@@ -205,7 +235,10 @@ class Delivery:
             logger.info("chat %s takes messages again", chat_id)
         state.delivered += len(batch)
         state.problem, state.since = "", None
-        logger.info("delivered %d mail(s) to chat %s", len(batch), chat_id)
+        logger.info(
+            "delivered %d mail(s) to chat %s", len(batch), chat_id, extra={"chat": chat_id}
+        )
+        _count_posted(batch)
 
     async def _send_batch(
         self, chat_id: int, topic: str, batch: list[store.PendingDelivery], stop: asyncio.Event
@@ -257,8 +290,9 @@ class Delivery:
                     link_preview_options=LinkPreviewOptions(is_disabled=True),
                 )
             except TelegramError as exc:
-                failure = classify(exc)
+                failure = count(classify(exc))
             else:
+                metrics.telegram_answered()
                 if self._outage:
                     self._outage = False
                     logger.info("Telegram reachable again")
@@ -277,7 +311,9 @@ class Delivery:
             raise _ChatMoved(failure.new_chat_id)
         if failure.verdict is Verdict.TOPIC_GONE:
             raise _TopicGone
-        if failure.verdict in (Verdict.CHAT_GONE, Verdict.BUG, Verdict.MIGRATED, Verdict.TOKEN):
+        if failure.verdict is Verdict.TOKEN:
+            raise TokenRefused
+        if failure.verdict in (Verdict.CHAT_GONE, Verdict.BUG, Verdict.MIGRATED):
             raise _ChatRefused(failure.reason)
         if failure.verdict is Verdict.RETRY_AFTER and failure.delay is not None:
             delay = failure.delay
@@ -304,7 +340,7 @@ class Delivery:
                 created = await self.bot.create_forum_topic(chat_id, topic)
                 break
             except TelegramError as exc:
-                failure = classify(exc)
+                failure = count(classify(exc))
             if failure.verdict is Verdict.BUG:  # not a forum, or no can_manage_topics right
                 logger.error(
                     "cannot create forum topic %r in chat %s (%s); posting in the chat itself",
@@ -353,6 +389,18 @@ def topic_key(topic: str | int | None) -> str:
     if isinstance(topic, int):
         return f"{TOPIC_PREFIX}{topic}"
     return topic
+
+
+def _count_posted(batch: list[store.PendingDelivery]) -> None:
+    """Count the mails of a message Telegram accepted, and how long each took to get there."""
+    now = datetime.now(UTC)
+    for item in batch:
+        metrics.MAILS_POSTED.labels(account=item.mail.account).inc()
+        arrived = item.created_at
+        if arrived is not None:
+            # SQLite gives back naive UTC datetimes; PostgreSQL aware ones.
+            arrived = arrived if arrived.tzinfo is not None else arrived.replace(tzinfo=UTC)
+            metrics.DELIVERY_DELAY.observe(max(0.0, (now - arrived).total_seconds()))
 
 
 def _line(mail: store.ShownMail) -> BatchLine:

@@ -1,13 +1,18 @@
-"""Logging set-up: one line per event, and a filter that masks secrets in every record."""
+"""Logging set-up: one line per event (text or JSON), and a filter that masks secrets."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 MASK = "***"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What a log call may pass as extra={...}; JSON lines carry them as keys of their own.
+CONTEXT = ("account", "folder", "chat", "uid")
 
 
 class SecretFilter(logging.Filter):
@@ -33,6 +38,12 @@ class SecretFilter(logging.Filter):
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = self.mask(text)
             record.exc_info = None
+        if record.stack_info:
+            record.stack_info = self.mask(record.stack_info)
+        for key in CONTEXT:
+            value = getattr(record, key, None)
+            if isinstance(value, str):
+                setattr(record, key, self.mask(value))
         return True
 
     def mask(self, text: str) -> str:
@@ -42,10 +53,43 @@ class SecretFilter(logging.Filter):
         return text
 
 
-def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, the context
+    fields a log call passed (account, folder, chat, uid) and the exception, if any.
+
+    It formats what SecretFilter left, so the masked message and exception text.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in CONTEXT:
+            value = getattr(record, key, None)
+            if value is not None:
+                line[key] = value if isinstance(value, int | float | bool) else str(value)
+        exception = record.exc_text
+        if record.exc_info and not exception:
+            exception = self.formatException(record.exc_info)
+        if exception:
+            line["exception"] = exception
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, ensure_ascii=False)
+
+
+def setup_logging(
+    level: str = "INFO",
+    secrets: Iterable[str] = (),
+    log_format: Literal["text", "json"] = "text",
+) -> None:
     """Configure the root logger once; called from cli.py only."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_FORMAT))
     handler.addFilter(SecretFilter(secrets))
     root = logging.getLogger()
     for old in list(root.handlers):

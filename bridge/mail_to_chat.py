@@ -19,11 +19,13 @@ from email.utils import getaddresses
 
 from sqlalchemy.exc import OperationalError
 
+from bridge import metrics
 from bridge.config import AccountSettings, RouteSettings
 from bridge.db import store
 from bridge.db.engine import Database
 from bridge.delivery import Delivery, topic_key
-from bridge.errors import DatabaseError, MailError, PermanentMailError
+from bridge.errors import DatabaseError, LeaseLost, MailError, PermanentMailError
+from bridge.leases import Held
 from bridge.mail.imap import FETCH_BATCH, FetchedMail, FolderState, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
 from bridge.mail.summary import render_summary, render_unparseable, with_origin
@@ -118,6 +120,7 @@ class FolderWatcher:
         self.checked = checked or asyncio.Event()  # set after every check (tests, benchmarks)
         self.executor = executor
         self.mailbox: store.MailboxState | None = None
+        self.fence: Held | None = None  # the lease this watcher works under
         self._outage = False
 
     @property
@@ -125,8 +128,17 @@ class FolderWatcher:
         """account/folder, for logs."""
         return f"{self.account.name}/{self.folder}"
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Watch on an own connection until stop is set; connection errors never end it."""
+    @property
+    def context(self) -> dict[str, str]:
+        """The account and folder, as extra= of a log call (JSON logs carry them)."""
+        return {"account": self.account.name, "folder": self.folder}
+
+    async def run(self, stop: asyncio.Event, held: Held | None = None) -> None:
+        """Watch on an own connection until stop is set; connection errors never end it.
+
+        Under a lease (`held`), every write checks it: after a takeover nothing is written.
+        """
+        self.fence = held
         backoff = Backoff()
         while not stop.is_set():
             session = ImapSession(self.account.imap, self.folder, self.executor)
@@ -144,10 +156,11 @@ class FolderWatcher:
                             return
                         await session.noop()
                     await self.check(session, stop)
-            except Stopped:
+            except (Stopped, LeaseLost):
                 break
             except (MailError, DatabaseError, OperationalError) as exc:
                 self.failed(exc)
+                metrics.IMAP_RECONNECTS.labels(account=self.account.name).inc()
                 await wait_or_stop(stop, backoff.next())
             finally:
                 await session.close()
@@ -157,7 +170,7 @@ class FolderWatcher:
         """The folder is reachable (again)."""
         if self._outage:
             self._outage = False
-            logger.info("%s: IMAP connection restored", self.name)
+            logger.info("%s: IMAP connection restored", self.name, extra=self.context)
         self.status.state, self.status.last_error = "connected", ""
 
     def failed(self, exc: Exception) -> None:
@@ -167,7 +180,7 @@ class FolderWatcher:
         if not self._outage:
             self._outage = True
             level = logging.ERROR if isinstance(exc, PermanentMailError) else logging.WARNING
-            logger.log(level, "%s: %s; retrying with backoff", self.name, exc)
+            logger.log(level, "%s: %s; retrying with backoff", self.name, exc, extra=self.context)
 
     def unchanged(self, folder: FolderState) -> bool:
         """True when a STATUS answer shows nothing new since the last check."""
@@ -197,10 +210,18 @@ class FolderWatcher:
             uids = await session.all_uids()
             last = uids[-backfill - 1] if len(uids) > backfill else 0
         if state is None:
-            logger.info("first contact with %s: UIDs up to %d count as seen", self.name, last)
+            logger.info(
+                "first contact with %s: UIDs up to %d count as seen",
+                self.name,
+                last,
+                extra=self.context,
+            )
         else:
             logger.warning(
-                "UIDVALIDITY of %s changed; UIDs up to %d count as seen", self.name, last
+                "UIDVALIDITY of %s changed; UIDs up to %d count as seen",
+                self.name,
+                last,
+                extra=self.context,
             )
         return await self.db.run(
             store.reset_mailbox, account_id, self.folder, folder.uidvalidity, last
@@ -255,6 +276,7 @@ class FolderWatcher:
     ) -> None:
         """Route a batch and write its delivery rows with the cursor, in one transaction."""
         entries: list[tuple[store.MailRecord, list[tuple[int, str]]]] = []
+        muted_count = 0
         for uid, summary, mail in items:
             facts = facts_of(self.account.name, self.folder, mail)
             decision = route(facts, self.routes, self.default_chats, muted)
@@ -264,14 +286,25 @@ class FolderWatcher:
             ]
             if decision.muted:
                 self.status.muted += 1
-                logger.info("%s: mail uid %d not posted (%s)", self.name, uid, decision.reason)
+                muted_count += 1
+                logger.info(
+                    "%s: mail uid %d not posted (%s)",
+                    self.name,
+                    uid,
+                    decision.reason,
+                    extra={**self.context, "uid": uid},
+                )
             else:
                 self.status.posted += 1
             entries.append((record_of(uid, mail, with_origin(summary, self.origin)), destinations))
         # A UID expunged between SEARCH and FETCH has nothing to post; don't ask again.
-        await self.db.persist(store.record_mails, mailbox.id, mailbox.uidvalidity, entries, up_to)
+        await self.db.persist(
+            store.record_mails_fenced, self.fence, mailbox.id, mailbox.uidvalidity, entries, up_to
+        )
         self.mailbox = store.MailboxState(mailbox.id, mailbox.uidvalidity, up_to)
         self.delivery.wake()
+        metrics.MAILS_SEEN.labels(account=self.account.name).inc(len(items))
+        metrics.MAILS_MUTED.labels(account=self.account.name).inc(muted_count)
 
 
 class FolderPoller:
@@ -282,8 +315,10 @@ class FolderPoller:
     ) -> None:
         self.account, self.watchers, self.executor = account, watchers, executor
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, held: Held | None = None) -> None:
         """Poll every POLL_INTERVAL until stop is set; reconnect with backoff."""
+        for watcher in self.watchers:
+            watcher.fence = held
         backoff = Backoff()
         while not stop.is_set():
             session = ImapSession(self.account.imap, self.watchers[0].folder, self.executor)
@@ -295,11 +330,12 @@ class FolderPoller:
                         await self._visit(session, watcher, stop)
                     if await wait_or_stop(stop, self.account.imap.poll_interval):
                         return
-            except Stopped:
+            except (Stopped, LeaseLost):
                 break
             except (MailError, DatabaseError, OperationalError) as exc:
                 for watcher in self.watchers:
                     watcher.failed(exc)
+                metrics.IMAP_RECONNECTS.labels(account=self.account.name).inc()
                 await wait_or_stop(stop, backoff.next())
             finally:
                 await session.close()

@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from bridge.config import load_core
-from bridge.db.engine import make_engine
+from bridge.db.engine import make_engine, parse_url
 from bridge.db.models import Base
 
 config = context.config
@@ -47,7 +47,7 @@ def run_migrations_online() -> None:
 def run_migrations_offline() -> None:
     """Emit SQL without a database (alembic upgrade --sql)."""
     url = config.get_main_option("sqlalchemy.url") or load_core().database_url
-    context.configure(url=url, target_metadata=target_metadata, render_as_batch=True)
+    context.configure(url=parse_url(url), target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bridge.errors import DatabaseError
@@ -24,11 +24,25 @@ PERSIST_FOR = 120.0
 T = TypeVar("T")
 
 
+# `postgresql://` names no driver; SQLAlchemy's default (psycopg2) is not installed, psycopg 3 is.
+_DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+
+
+def parse_url(url: str) -> URL:
+    """The URL with its default driver; DatabaseError (never echoing the URL) when malformed."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # SQLAlchemy's message repeats the whole string, password included.
+        raise DatabaseError("BRIDGE_DATABASE_URL is not a database URL") from None
+    return parsed.set(drivername=_DEFAULT_DRIVERS.get(parsed.drivername, parsed.drivername))
+
+
 def make_engine(url: str) -> Engine:
     """Create the engine; for SQLite create its folder and an owner-only file, and use WAL."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True)
     database = parsed.database
     if database and database != ":memory:" and not database.startswith("file:"):
         path = Path(database)
@@ -38,7 +52,7 @@ def make_engine(url: str) -> Engine:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     # ?timeout=N in the URL (seconds) sets how long a writer waits for a lock; default 30.
     timeout = float(parsed.query.get("timeout", 30))  # type: ignore[arg-type]
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
+    engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": timeout})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -9,11 +9,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from bridge.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
+# The PostgreSQL advisory lock held while migrating (any constant: "mailbr" in ASCII).
+MIGRATION_LOCK = 0x6D61696C6272
 
 
 def script_location() -> Path:
@@ -28,7 +30,10 @@ def alembic_config(engine: Engine) -> Config:
     """An Alembic Config built in code (no alembic.ini needed at run time)."""
     config = Config()
     config.set_main_option("script_location", str(script_location()))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # ConfigParser interpolates `%`: an URL-encoded password (`p%40ss`) must be escaped, or
+    # its error message would print the rest of the URL, password included.
+    url = engine.url.render_as_string(hide_password=False)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
@@ -41,6 +46,9 @@ def upgrade_to_head(engine: Engine) -> str:
     config = alembic_config(engine)
     script = ScriptDirectory.from_config(config)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Instances started together: one migrates, the others wait here, then find head.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         current = MigrationContext.configure(connection).get_current_heads()
         known = {rev.revision for rev in script.walk_revisions()}
         unknown = [rev for rev in current if rev not in known]

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bridge.db.models import (
     Account,
+    Base,
     ChatMigration,
+    ChatSend,
     Delivery,
     ForumTopic,
     Job,
+    Lease,
     Mailbox,
     Mute,
     OutboxItem,
@@ -22,6 +27,28 @@ from bridge.db.models import (
     PostedSummary,
     utcnow,
 )
+from bridge.errors import DatabaseError, LeaseLost
+
+# A claimed outbox item or job is due again after this, when its instance died meanwhile (a
+# send is bounded by the SMTP timeouts; a job may upload for up to 10 minutes).
+OUTBOX_CLAIM = timedelta(seconds=60)
+JOB_CLAIM = timedelta(minutes=15)
+_SENDABLE = ("pending", "sending")  # "sending" once its claim expired
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A time read from the database as aware UTC (SQLite returns naive UTC values)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _insert(session: Session, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """INSERT for the session's database, so that it can say ON CONFLICT DO NOTHING/UPDATE."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise DatabaseError(f"the {dialect} database is not supported: use PostgreSQL or SQLite")
 
 
 @dataclass(frozen=True)
@@ -81,17 +108,20 @@ class PendingDelivery:
     topic: str
     attempts: int
     mail: ShownMail
+    created_at: datetime | None = None  # when the watcher recorded it (delivery delay metric)
 
 
 def ensure_account(session: Session, name: str) -> int:
     """The stable id of the account with this name, created on first use."""
-    found = session.scalar(select(Account.id).where(Account.name == name))
+    query = select(Account.id).where(Account.name == name)
+    found = session.scalar(query)
     if found is not None:
         return found
-    account = Account(name=name)
-    session.add(account)
-    session.flush()
-    return account.id
+    # Another instance may create it at the same moment: then its row is the one.
+    session.execute(
+        _insert(session, Account).values(name=name).on_conflict_do_nothing(index_elements=["name"])
+    )
+    return session.scalars(query).one()
 
 
 def get_mailbox(session: Session, account_id: int, name: str) -> MailboxState | None:
@@ -106,23 +136,24 @@ def reset_mailbox(
     session: Session, account_id: int, name: str, uidvalidity: int, last_uid: int
 ) -> MailboxState:
     """Start a folder afresh (first contact, new UIDVALIDITY): UIDs <= last_uid count as seen."""
-    row = session.scalar(
-        select(Mailbox).where(Mailbox.account_id == account_id, Mailbox.name == name)
-    )
-    if row is None:
-        row = Mailbox(account_id=account_id, name=name, uidvalidity=uidvalidity, last_uid=last_uid)
-        session.add(row)
-    else:
-        row.uidvalidity, row.last_uid, row.updated_at = uidvalidity, last_uid, utcnow()
-    session.flush()
-    return MailboxState(row.id, row.uidvalidity, row.last_uid)
+    values = {"uidvalidity": uidvalidity, "last_uid": last_uid, "updated_at": utcnow()}
+    statement = _insert(session, Mailbox).values(account_id=account_id, name=name, **values)
+    mailbox_id = session.scalars(
+        statement.on_conflict_do_update(
+            index_elements=["account_id", "name"], set_=values
+        ).returning(Mailbox.id)
+    ).one()
+    return MailboxState(mailbox_id, uidvalidity, last_uid)
 
 
 def advance(session: Session, mailbox_id: int, uid: int) -> None:
-    """Raise the folder's high-water mark to uid (never lowers it)."""
-    row = session.get_one(Mailbox, mailbox_id)
-    if uid > row.last_uid:
-        row.last_uid, row.updated_at = uid, utcnow()
+    """Raise the folder's high-water mark to uid (never lowers it): one conditional UPDATE."""
+    session.execute(
+        update(Mailbox)
+        .where(Mailbox.id == mailbox_id, Mailbox.last_uid < uid)
+        .values(last_uid=uid, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def record_mails(
@@ -140,32 +171,36 @@ def record_mails(
     for record, destinations in entries:
         if not destinations:
             continue  # muted: seen, posted nowhere
-        seen = session.scalar(
-            select(PostedMail.id).where(
-                PostedMail.mailbox_id == mailbox_id,
-                PostedMail.uidvalidity == uidvalidity,
-                PostedMail.uid == record.uid,
+        mail_id = session.scalar(
+            _insert(session, PostedMail)
+            .values(
+                mailbox_id=mailbox_id,
+                uidvalidity=uidvalidity,
+                uid=record.uid,
+                message_id=record.message_id,
+                subject=record.subject,
+                sender=record.sender,
+                sender_name=record.sender_name,
+                reply_to=record.reply_to,
+                references=" ".join(record.references),
+                summary=record.summary,
+                attachments=record.attachments,
             )
+            .on_conflict_do_nothing(index_elements=["mailbox_id", "uidvalidity", "uid"])
+            .returning(PostedMail.id)
         )
-        if seen is not None:
-            continue
-        mail = PostedMail(
-            mailbox_id=mailbox_id,
-            uidvalidity=uidvalidity,
-            uid=record.uid,
-            message_id=record.message_id,
-            subject=record.subject,
-            sender=record.sender,
-            sender_name=record.sender_name,
-            reply_to=record.reply_to,
-            references=" ".join(record.references),
-            summary=record.summary,
-            attachments=record.attachments,
+        if mail_id is None:
+            continue  # recorded before
+        rows = [
+            {"posted_mail_id": mail_id, "chat_id": chat_id, "topic": topic}
+            for chat_id, topic in dict.fromkeys(destinations)
+        ]
+        # One row per chat: a second topic in the same chat is not a second delivery.
+        session.execute(
+            _insert(session, Delivery)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["posted_mail_id", "chat_id"])
         )
-        session.add(mail)
-        session.flush()
-        for chat_id, topic in dict.fromkeys(destinations):
-            session.add(Delivery(posted_mail_id=mail.id, chat_id=chat_id, topic=topic))
     advance(session, mailbox_id, up_to_uid)
 
 
@@ -194,7 +229,10 @@ def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
     )
 
 
-SHOWING = ("summary", "list")  # what find_by_summary resolves a reply to
+SHOWING = ("summary", "list")
+PACING_KEPT = timedelta(
+    minutes=2
+)  # chat_send rows older than the pacing window go  # what find_by_summary resolves a reply to
 
 _SHOWN = (
     select(PostedMail, Account.name, Mailbox.name)
@@ -229,18 +267,21 @@ def due_deliveries(
         .limit(limit)
     )
     return [
-        PendingDelivery(d.id, d.chat_id, d.topic, d.attempts, _shown(mail, account, folder))
+        PendingDelivery(
+            d.id, d.chat_id, d.topic, d.attempts, _shown(mail, account, folder), d.created_at
+        )
         for mail, account, folder, d in rows
     ]
 
 
 def next_delivery_due(session: Session, chat_id: int) -> datetime | None:
     """When the next pending delivery to a chat is due, or None."""
-    return session.scalar(
+    due = session.scalar(
         select(func.min(Delivery.next_attempt_at)).where(
             Delivery.chat_id == chat_id, Delivery.status == "pending"
         )
     )
+    return None if due is None else as_utc(due)
 
 
 def mark_delivered(
@@ -252,13 +293,7 @@ def mark_delivered(
     for row in rows:
         row.status, row.telegram_message_id, row.sent_at = "sent", telegram_message_id, now
         row.attempts += 1
-        session.add(
-            PostedSummary(
-                posted_mail_id=row.posted_mail_id,
-                chat_id=chat_id,
-                telegram_message_id=telegram_message_id,
-            )
-        )
+        record_summary(session, row.posted_mail_id, chat_id, telegram_message_id)
 
 
 def postpone_deliveries(
@@ -273,12 +308,25 @@ def postpone_deliveries(
 
 def move_chat(session: Session, old_chat_id: int, new_chat_id: int) -> None:
     """Telegram migrated a group to a supergroup: its pending mail and topics follow it."""
-    if session.get(ChatMigration, old_chat_id) is None:
-        session.add(ChatMigration(old_chat_id=old_chat_id, new_chat_id=new_chat_id))
-    for row in session.scalars(
-        select(Delivery).where(Delivery.chat_id == old_chat_id, Delivery.status == "pending")
-    ):
-        row.chat_id = new_chat_id
+    session.execute(
+        _insert(session, ChatMigration)
+        .values(old_chat_id=old_chat_id, new_chat_id=new_chat_id)
+        .on_conflict_do_nothing(index_elements=["old_chat_id"])
+    )
+    pending = (Delivery.chat_id == old_chat_id, Delivery.status == "pending")
+    # A mail that waits for both chats waits once, in the new one.
+    already = select(Delivery.posted_mail_id).where(Delivery.chat_id == new_chat_id)
+    session.execute(
+        delete(Delivery)
+        .where(*pending, Delivery.posted_mail_id.in_(already))
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Delivery)
+        .where(*pending)
+        .values(chat_id=new_chat_id)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def chat_migrations(session: Session) -> dict[int, int]:
@@ -296,13 +344,11 @@ def get_topic(session: Session, chat_id: int, name: str) -> int | None:
 
 def save_topic(session: Session, chat_id: int, name: str, thread_id: int) -> None:
     """Remember a forum topic (replacing a deleted one of the same name)."""
-    row = session.scalar(
-        select(ForumTopic).where(ForumTopic.chat_id == chat_id, ForumTopic.name == name)
+    session.execute(
+        _insert(session, ForumTopic)
+        .values(chat_id=chat_id, name=name, thread_id=thread_id)
+        .on_conflict_do_update(index_elements=["chat_id", "name"], set_={"thread_id": thread_id})
     )
-    if row is None:
-        session.add(ForumTopic(chat_id=chat_id, name=name, thread_id=thread_id))
-    else:
-        row.thread_id = thread_id
 
 
 def forget_topic(session: Session, chat_id: int, thread_id: int) -> None:
@@ -320,11 +366,13 @@ def muted_addresses(session: Session) -> set[str]:
 
 def add_mute(session: Session, address: str, user_id: int | None) -> bool:
     """Mute a sender; False when it was muted already."""
-    address = address.lower()
-    if session.scalar(select(Mute.id).where(Mute.address == address)) is not None:
-        return False
-    session.add(Mute(address=address, muted_by=user_id))
-    return True
+    added = session.scalar(
+        _insert(session, Mute)
+        .values(address=address.lower(), muted_by=user_id)
+        .on_conflict_do_nothing(index_elements=["address"])
+        .returning(Mute.id)
+    )
+    return added is not None
 
 
 def remove_mute(session: Session, address: str) -> bool:
@@ -379,12 +427,16 @@ def record_summary(
 ) -> None:
     """Remember that a chat shows this mail as telegram_message_id (a re-posted summary, a
     search result, or the bot's "forward to whom?" question: `kind`)."""
-    session.add(
-        PostedSummary(
+    session.execute(
+        _insert(session, PostedSummary)
+        .values(
             posted_mail_id=posted_mail_id,
             chat_id=chat_id,
             telegram_message_id=telegram_message_id,
             kind=kind,
+        )
+        .on_conflict_do_nothing(
+            index_elements=["chat_id", "telegram_message_id", "posted_mail_id"]
         )
     )
 
@@ -413,15 +465,11 @@ def mark_known(session: Session, mailbox_id: int, folder: str, uidvalidity: int,
     )
     if target is None:
         return  # not watched: nothing would post it
-    known = session.scalar(
-        select(PostedMail.id).where(
-            PostedMail.mailbox_id == target.id,
-            PostedMail.uidvalidity == uidvalidity,
-            PostedMail.uid == uid,
-        )
+    session.execute(
+        _insert(session, PostedMail)
+        .values(mailbox_id=target.id, uidvalidity=uidvalidity, uid=uid)
+        .on_conflict_do_nothing(index_elements=["mailbox_id", "uidvalidity", "uid"])
     )
-    if known is None:
-        session.add(PostedMail(mailbox_id=target.id, uidvalidity=uidvalidity, uid=uid))
 
 
 def set_seen(session: Session, posted_mail_id: int, seen: bool) -> None:
@@ -441,29 +489,28 @@ def ensure_mail(
     )
     if box is None:
         return None
-    found = session.scalar(
+    session.execute(
+        _insert(session, PostedMail)
+        .values(
+            mailbox_id=box.id,
+            uidvalidity=uidvalidity,
+            uid=record.uid,
+            message_id=record.message_id,
+            subject=record.subject,
+            sender=record.sender,
+            sender_name=record.sender_name,
+            reply_to=record.reply_to,
+            references=" ".join(record.references),
+        )
+        .on_conflict_do_nothing(index_elements=["mailbox_id", "uidvalidity", "uid"])
+    )
+    return session.scalars(
         select(PostedMail.id).where(
             PostedMail.mailbox_id == box.id,
             PostedMail.uidvalidity == uidvalidity,
             PostedMail.uid == record.uid,
         )
-    )
-    if found is not None:
-        return found
-    mail = PostedMail(
-        mailbox_id=box.id,
-        uidvalidity=uidvalidity,
-        uid=record.uid,
-        message_id=record.message_id,
-        subject=record.subject,
-        sender=record.sender,
-        sender_name=record.sender_name,
-        reply_to=record.reply_to,
-        references=" ".join(record.references),
-    )
-    session.add(mail)
-    session.flush()
-    return mail.id
+    ).one()
 
 
 def set_summary(session: Session, posted_mail_id: int, summary: str, attachments: int) -> None:
@@ -500,32 +547,56 @@ def add_job(
     args: str = "",
 ) -> int | None:
     """Store a job; None when this update was stored before (Telegram re-delivered it)."""
-    if update_id is not None:
-        seen = session.scalar(select(Job.id).where(Job.update_id == update_id))
-        if seen is not None:
-            return None
-    job = Job(
-        update_id=update_id,
-        kind=kind,
-        chat_id=chat_id,
-        user_id=user_id,
-        message_id=message_id,
-        thread_id=thread_id,
-        posted_mail_id=posted_mail_id,
-        args=args,
+    return session.scalar(
+        _insert(session, Job)
+        .values(
+            update_id=update_id,
+            kind=kind,
+            chat_id=chat_id,
+            user_id=user_id,
+            message_id=message_id,
+            thread_id=thread_id,
+            posted_mail_id=posted_mail_id,
+            args=args,
+        )
+        .on_conflict_do_nothing(index_elements=["update_id"])  # NULLs never conflict
+        .returning(Job.id)
     )
-    session.add(job)
-    session.flush()
-    return job.id
 
 
-def claim_jobs(session: Session, limit: int) -> list[JobRecord]:
-    """Pending jobs, oldest first, marked running (a restart finds them pending again)."""
-    rows = list(
-        session.scalars(select(Job).where(Job.status == "pending").order_by(Job.id).limit(limit))
+def _job_claimable(now: datetime) -> ColumnElement[bool]:
+    """Pending, or running under a claim that expired (its instance died)."""
+    expired = or_(Job.finished_at.is_(None), Job.finished_at <= now)
+    return or_(Job.status == "pending", (Job.status == "running") & expired)
+
+
+def claim_jobs(
+    session: Session, limit: int, *, now: datetime | None = None, claim_for: timedelta = JOB_CLAIM
+) -> list[JobRecord]:
+    """Claim up to limit jobs, oldest first, for this instance: marked running until a deadline
+    (kept in finished_at while it runs), after which another instance may take them over.
+
+    Rows another instance is claiming are skipped (FOR UPDATE SKIP LOCKED on PostgreSQL), and
+    the claim is a conditional UPDATE, so two instances never claim one job.
+    """
+    now = now or utcnow()
+    rows = session.scalars(
+        select(Job)
+        .where(_job_claimable(now))
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    claimed = set(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_([row.id for row in rows]), _job_claimable(now))
+            .values(status="running", finished_at=now + claim_for)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
     )
-    for row in rows:
-        row.status = "running"
+    rows = [row for row in rows if row.id in claimed]
     return [
         JobRecord(
             r.id,
@@ -549,11 +620,18 @@ def finish_job(session: Session, job_id: int, status: str, error: str = "") -> N
 
 
 def requeue_running_jobs(session: Session) -> int:
-    """At start: jobs a crash interrupted are pending again."""
-    rows = list(session.scalars(select(Job).where(Job.status == "running")))
-    for row in rows:
-        row.status = "pending"
-    return len(rows)
+    """At start: running jobs whose claim expired (a crash interrupted them) are pending again.
+
+    Jobs another live instance runs keep their claim.
+    """
+    requeued = session.scalars(
+        update(Job)
+        .where(Job.status == "running", _job_claimable(utcnow()))
+        .values(status="pending", finished_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return len(requeued)
 
 
 def list_mutes(session: Session) -> list[str]:
@@ -597,37 +675,51 @@ def add_outbox(
 
     Returns None when this chat message was already stored (Telegram re-delivered the update).
     """
-    if source_message_id is not None and chat_id is not None:
-        seen = session.scalar(
-            select(OutboxItem.id).where(
-                OutboxItem.chat_id == chat_id, OutboxItem.source_message_id == source_message_id
-            )
+    return session.scalar(
+        _insert(session, OutboxItem)
+        .values(
+            account_id=account_id,
+            chat_id=chat_id,
+            user_id=user_id,
+            source_message_id=source_message_id,
+            message_id=message_id,
+            recipients="\n".join(recipients),
+            subject=subject,
+            raw=raw,
         )
-        if seen is not None:
-            return None
-    item = OutboxItem(
-        account_id=account_id,
-        chat_id=chat_id,
-        user_id=user_id,
-        source_message_id=source_message_id,
-        message_id=message_id,
-        recipients="\n".join(recipients),
-        subject=subject,
-        raw=raw,
+        # NULLs never conflict: a mail not from a chat message is always stored.
+        .on_conflict_do_nothing(index_elements=["chat_id", "source_message_id"])
+        .returning(OutboxItem.id)
     )
-    session.add(item)
-    session.flush()
-    return item.id
 
 
-def due_outbox(session: Session, now: datetime, limit: int = 10) -> list[OutgoingRecord]:
-    """Pending items whose next attempt is due, oldest first."""
+def due_outbox(
+    session: Session, now: datetime, limit: int = 1, claim_for: timedelta = OUTBOX_CLAIM
+) -> list[OutgoingRecord]:
+    """Claim due items, oldest first, for this instance to send: status "sending" until
+    now + claim_for (in next_attempt_at), after which another instance may take an item over.
+
+    mark_outbox ends the claim. Rows another instance is claiming are skipped (FOR UPDATE SKIP
+    LOCKED on PostgreSQL), and the claim is a conditional UPDATE, so two instances never send
+    one item.
+    """
+    due = (OutboxItem.status.in_(_SENDABLE), OutboxItem.next_attempt_at <= now)
     rows = session.execute(
         select(OutboxItem, Account.name)
         .outerjoin(Account, OutboxItem.account_id == Account.id)
-        .where(OutboxItem.status == "pending", OutboxItem.next_attempt_at <= now)
+        .where(*due)
         .order_by(OutboxItem.id)
         .limit(limit)
+        .with_for_update(skip_locked=True, of=OutboxItem)
+    ).all()
+    claimed = set(
+        session.scalars(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_([r.id for r, _account in rows]), *due)
+            .values(status="sending", next_attempt_at=now + claim_for)
+            .returning(OutboxItem.id)
+            .execution_options(synchronize_session=False)
+        )
     )
     return [
         OutgoingRecord(
@@ -639,17 +731,19 @@ def due_outbox(session: Session, now: datetime, limit: int = 10) -> list[Outgoin
             r.subject,
             r.raw,
             r.attempts,
-            r.created_at,
+            as_utc(r.created_at),
         )
         for r, account in rows
+        if r.id in claimed
     ]
 
 
 def next_outbox_due(session: Session) -> datetime | None:
-    """When the next pending item is due, or None when nothing is pending."""
-    return session.scalar(
-        select(func.min(OutboxItem.next_attempt_at)).where(OutboxItem.status == "pending")
+    """When the next item is due (or a claim expires), or None when nothing waits."""
+    due = session.scalar(
+        select(func.min(OutboxItem.next_attempt_at)).where(OutboxItem.status.in_(_SENDABLE))
     )
+    return None if due is None else as_utc(due)
 
 
 def mark_outbox(
@@ -688,3 +782,179 @@ def outbox_counts(session: Session) -> dict[str, int]:
     """Number of outbox items per status."""
     rows = session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status))
     return {row[0]: row[1] for row in rows}
+
+
+# --- Leases: who does what when several instances share the database (bridge/leases.py) ---
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite gives back naive UTC datetimes; PostgreSQL aware ones."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def take_lease(session: Session, name: str, holder: str, until: datetime) -> int | None:
+    """Take a free or expired lease, or renew our own; its fencing token, or None when another
+    instance holds it. A lease that expired gets a new token, even for its last holder."""
+    now = utcnow()
+    row = session.scalar(select(Lease).where(Lease.name == name).with_for_update())
+    if row is None:
+        try:
+            with session.begin_nested():
+                session.add(Lease(name=name, holder=holder, token=1, expires_at=until))
+        except IntegrityError:
+            return None  # another instance took it this very moment
+        return 1
+    if _aware(row.expires_at) <= now:
+        row.holder, row.token, row.expires_at = holder, row.token + 1, until
+        return row.token
+    if row.holder == holder:
+        row.expires_at = until
+        return row.token
+    return None
+
+
+def holds_lease(session: Session, name: str, holder: str, token: int) -> bool:
+    """Fencing: True when this holder still has the lease under this token and it is valid."""
+    row = session.get(Lease, name)
+    return (
+        row is not None
+        and row.holder == holder
+        and row.token == token
+        and _aware(row.expires_at) > utcnow()
+    )
+
+
+def release_leases(session: Session, names: Sequence[str], holder: str) -> None:
+    """A clean stop: our leases expire now, so another instance takes over at once."""
+    for row in session.scalars(select(Lease).where(Lease.name.in_(names))):
+        if row.holder == holder:
+            row.expires_at = utcnow()
+
+
+def lease_holders(session: Session) -> dict[str, str]:
+    """Lease name -> holder, for leases that are valid now (for /status and tests)."""
+    now = utcnow()
+    return {
+        row.name: row.holder
+        for row in session.scalars(select(Lease))
+        if _aware(row.expires_at) > now
+    }
+
+
+def record_mails_fenced(
+    session: Session,
+    fence: tuple[str, str, int] | None,
+    mailbox_id: int,
+    uidvalidity: int,
+    entries: Sequence[tuple[MailRecord, Sequence[tuple[int, str]]]],
+    up_to_uid: int,
+) -> None:
+    """record_mails, only while the watcher's lease (name, holder, token) is still its own."""
+    if fence is not None and not holds_lease(session, *fence):
+        raise LeaseLost(f"lease {fence[0]} was taken over; not recording")
+    record_mails(session, mailbox_id, uidvalidity, entries, up_to_uid)
+
+
+def mark_delivered_and_paced(
+    session: Session, delivery_ids: Sequence[int], chat_id: int, telegram_message_id: int
+) -> None:
+    """mark_delivered, and count the message for the chat's pacing across instances."""
+    mark_delivered(session, delivery_ids, chat_id, telegram_message_id)
+    now = utcnow()
+    session.add(ChatSend(chat_id=chat_id, sent_at=now))
+    session.execute(
+        delete(ChatSend).where(ChatSend.chat_id == chat_id, ChatSend.sent_at < now - PACING_KEPT)
+    )
+
+
+def recent_sends(session: Session, chat_id: int, since: datetime) -> list[datetime]:
+    """When messages went to a chat since a moment (any instance), oldest first."""
+    rows = session.scalars(
+        select(ChatSend.sent_at)
+        .where(ChatSend.chat_id == chat_id, ChatSend.sent_at >= since)
+        .order_by(ChatSend.sent_at)
+    )
+    return [_aware(when) for when in rows]
+
+
+# --- OAuth2 tokens (bridge/oauth.py): both tokens arrive and leave Fernet-encrypted ---
+# (Appended as one block while store.py's inserts change elsewhere; its import stays here.)
+
+from bridge.db.models import OAuthToken  # noqa: E402
+
+
+@dataclass(frozen=True)
+class StoredTokens:
+    """An account's OAuth2 sign-in as stored: access and refresh token still encrypted."""
+
+    access_token: str
+    refresh_token: str
+    expires_at: datetime | None
+    scope: str
+    revoked: bool
+    told: bool
+    updated_at: datetime
+
+
+def get_oauth_tokens(session: Session, account: str) -> StoredTokens | None:
+    """The account's stored sign-in, or None when it never signed in."""
+    row = session.get(OAuthToken, ensure_account(session, account))
+    if row is None:
+        return None
+    return StoredTokens(
+        access_token=row.access_token,
+        refresh_token=row.refresh_token,
+        expires_at=_aware(row.expires_at) if row.expires_at is not None else None,
+        scope=row.scope,
+        revoked=row.revoked,
+        told=row.told,
+        updated_at=_aware(row.updated_at),
+    )
+
+
+def save_oauth_tokens(
+    session: Session,
+    account: str,
+    *,
+    access_token: str,
+    refresh_token: str,
+    expires_at: datetime | None,
+    scope: str,
+) -> None:
+    """Store a sign-in or a refresh (always the newest refresh token); clears revoked/told."""
+    account_id = ensure_account(session, account)
+    row = session.get(OAuthToken, account_id)
+    if row is None:
+        row = OAuthToken(account_id=account_id)
+        session.add(row)
+    row.access_token, row.refresh_token = access_token, refresh_token
+    row.expires_at, row.scope = expires_at, scope
+    row.revoked, row.told = False, False
+    row.updated_at = utcnow()
+
+
+def revoke_oauth_tokens(session: Session, account: str) -> bool:
+    """Mark the sign-in revoked and forget both tokens; False when it already was."""
+    row = session.get(OAuthToken, ensure_account(session, account))
+    if row is None or row.revoked:
+        return False
+    row.revoked, row.access_token, row.refresh_token = True, "", ""
+    row.updated_at = utcnow()
+    return True
+
+
+def claim_oauth_told(session: Session, account: str) -> bool:
+    """True exactly once per revocation, for the one caller that tells the chat."""
+    account_id = ensure_account(session, account)
+    # One UPDATE decides: two instances (or two tasks) cannot both see told = false.
+    claimed = session.scalars(
+        update(OAuthToken)
+        .where(
+            OAuthToken.account_id == account_id,
+            OAuthToken.revoked.is_(True),
+            OAuthToken.told.is_(False),
+        )
+        .values(told=True)
+        .returning(OAuthToken.account_id)
+    ).all()
+    return bool(claimed)

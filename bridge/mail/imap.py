@@ -10,7 +10,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +20,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from bridge.config import ImapSettings
-from bridge.errors import BridgeError, PermanentMailError, TemporaryMailError
+from bridge.errors import BridgeError, PermanentMailError, SignInNeeded, TemporaryMailError
+from bridge.mail.auth import TokenSource, with_token
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +75,8 @@ def _fetch_key(data: dict[bytes, Any], prefix: bytes) -> Any:
 def classify(exc: BaseException) -> Exception:
     """Turn a library error into TemporaryMailError or PermanentMailError with one line."""
     if isinstance(exc, LoginError):
+        if _unavailable(exc):
+            return TemporaryMailError(f"IMAP login failed for now: {_text(exc)}")
         return PermanentMailError(f"IMAP login refused: {_text(exc)}")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return PermanentMailError(f"IMAP TLS certificate not trusted: {exc.verify_message}")
@@ -82,6 +85,31 @@ def classify(exc: BaseException) -> Exception:
     if isinstance(exc, OSError | IMAPClientError | EOFError):
         return TemporaryMailError(f"IMAP connection failed: {_text(exc)}")
     return TemporaryMailError(f"IMAP error: {_text(exc)}")
+
+
+def _unavailable(exc: LoginError) -> bool:
+    # RFC 5530 §3: UNAVAILABLE is a temporary failure (the server's token check is down).
+    return "[UNAVAILABLE]" in str(exc).upper()
+
+
+def _login_refused(exc: BaseException) -> bool:
+    """Whether the server said no to the credentials (not: the link or the server failed)."""
+    cause = exc if isinstance(exc, LoginError) else exc.__cause__
+    return isinstance(cause, LoginError) and not _unavailable(cause)
+
+
+async def _authenticated(
+    settings: ImapSettings,
+    tokens: TokenSource | None,
+    attempt: Callable[[str | None], Awaitable[T]],
+) -> T:
+    """`attempt(None)` for a password login; for OAuth2 `attempt(token)`, the token fetched
+    here on the event loop (the blocking login runs in a worker thread), retried once."""
+    if settings.auth != "oauth2":
+        return await attempt(None)
+    if tokens is None:
+        raise SignInNeeded(f"IMAP {settings.username}: signs in with OAuth2, but has no tokens")
+    return await with_token(tokens, attempt, _login_refused)
 
 
 def _text(exc: BaseException) -> str:
@@ -131,9 +159,11 @@ class ImapSession:
         settings: ImapSettings,
         folder: str | None = None,
         executor: Executor | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.settings = settings
         self.folder = folder or settings.mailbox
+        self.tokens = tokens  # the account's OAuth2 tokens (auth = "oauth2" only)
         # Blocking IMAP calls (an IDLE wait lasts a second) run in their own pool, so that
         # many idling folders never starve the database's worker threads.
         self.executor = executor
@@ -157,8 +187,8 @@ class ImapSession:
             raise TemporaryMailError("IMAP not connected")
         return self._client
 
-    def _connect(self) -> FolderState:
-        client = _login(self.settings)
+    def _connect(self, token: str | None) -> FolderState:
+        client = _login(self.settings, token)
         try:
             # Cache the capabilities here, in the worker thread (from the LOGIN answer, before
             # SELECT discards it): can_idle is read on the event loop and must not do I/O.
@@ -186,7 +216,9 @@ class ImapSession:
 
     async def connect(self) -> FolderState:
         """Connect, log in and select the folder read-only."""
-        return await self._call(self._connect)
+        return await _authenticated(
+            self.settings, self.tokens, lambda token: self._call(self._connect, token)
+        )
 
     async def reselect(self) -> FolderState:
         """Select again (fresh UIDVALIDITY/UIDNEXT)."""
@@ -317,8 +349,11 @@ class ImapSession:
             await asyncio.get_running_loop().run_in_executor(self.executor, _logout, client)
 
 
-def _login(settings: ImapSettings) -> IMAPClient:
-    """A verified IMAPS connection, logged in (blocking; call from a worker thread)."""
+def _login(settings: ImapSettings, token: str | None = None) -> IMAPClient:
+    """A verified IMAPS connection, logged in (blocking; call from a worker thread).
+
+    With auth = "oauth2", `token` is the access token, fetched beforehand on the event loop.
+    """
     client = IMAPClient(
         settings.host,
         port=settings.port,
@@ -328,11 +363,25 @@ def _login(settings: ImapSettings) -> IMAPClient:
     )
     try:
         _keepalive(client.socket())
-        client.login(settings.username, settings.password.get_secret_value())
+        if settings.auth == "oauth2":
+            _bearer_login(client, settings.username, token)
+        else:
+            client.login(settings.username, settings.secret)
     except Exception:
         _shutdown(client)
         raise
     return client
+
+
+def _bearer_login(client: IMAPClient, username: str, token: str | None) -> None:
+    """SASL XOAUTH2 (Gmail, Microsoft), else OAUTHBEARER (RFC 7628) when only that is offered."""
+    if token is None:
+        raise SignInNeeded(f"IMAP {username}: no OAuth2 access token")
+    # Before login the capabilities come from the greeting; nothing is cached yet.
+    if not client.has_capability("AUTH=XOAUTH2") and client.has_capability("AUTH=OAUTHBEARER"):
+        client.oauthbearer_login(username, token)
+    else:
+        client.oauth2_login(username, token)
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -389,9 +438,9 @@ def _shutdown(client: IMAPClient) -> None:
         client.shutdown()
 
 
-async def check_login(settings: ImapSettings) -> str:
+async def check_login(settings: ImapSettings, tokens: TokenSource | None = None) -> str:
     """Log in, select the folder read-only and log out; returns a one-line description."""
-    session = ImapSession(settings)
+    session = ImapSession(settings, tokens=tokens)
     try:
         state = await session.connect()
         idle = "IDLE" if session.client.has_capability("IDLE") else "no IDLE"
@@ -401,10 +450,10 @@ async def check_login(settings: ImapSettings) -> str:
 
 
 async def newest_headers(
-    settings: ImapSettings, folder: str, count: int
+    settings: ImapSettings, folder: str, count: int, tokens: TokenSource | None = None
 ) -> list[tuple[int, bytes]]:
     """(uid, a few header fields) of a folder's newest messages, newest first (read-only)."""
-    session = ImapSession(settings, folder)
+    session = ImapSession(settings, folder, tokens=tokens)
     try:
         await session.connect()
         return await session.newest_headers(count)
@@ -412,8 +461,8 @@ async def newest_headers(
         await session.close()
 
 
-def _append_sent(settings: ImapSettings, raw: bytes) -> str | None:
-    client = _login(settings)
+def _append_sent(settings: ImapSettings, raw: bytes, token: str | None) -> str | None:
+    client = _login(settings, token)
     try:
         folder = settings.sent_mailbox or client.find_special_folder(b"\\Sent")
         if not folder:
@@ -426,17 +475,25 @@ def _append_sent(settings: ImapSettings, raw: bytes) -> str | None:
         _logout(client)
 
 
-async def append_sent(settings: ImapSettings, raw: bytes) -> str | None:
+async def append_sent(
+    settings: ImapSettings, raw: bytes, tokens: TokenSource | None = None
+) -> str | None:
     """Save a copy of a sent mail in the Sent folder (BRIDGE_IMAP__SENT_MAILBOX, else the
     SPECIAL-USE \\Sent folder); returns the folder, or None when there is none."""
+
+    async def attempt(token: str | None) -> str | None:
+        return await asyncio.to_thread(_append_sent, settings, raw, token)
+
     try:
-        return await asyncio.to_thread(_append_sent, settings, raw)
+        return await _authenticated(settings, tokens, attempt)
+    except BridgeError:
+        raise
     except Exception as exc:
         raise classify(exc) from exc
 
 
-def _check_folders(settings: ImapSettings, folders: list[str]) -> str:
-    client = _login(settings)
+def _check_folders(settings: ImapSettings, folders: list[str], token: str | None) -> str:
+    client = _login(settings, token)
     try:
         # Read before SELECT, which drops the capabilities the LOGIN answer carried.
         idle = "IDLE" if client.has_capability("IDLE") else "no IDLE"
@@ -454,11 +511,17 @@ def _check_folders(settings: ImapSettings, folders: list[str]) -> str:
         _logout(client)
 
 
-async def check_folders(settings: ImapSettings, folders: list[str]) -> str:
+async def check_folders(
+    settings: ImapSettings, folders: list[str], tokens: TokenSource | None = None
+) -> str:
     """Log in once, open each folder read-only: "12 messages in INBOX, 3 in Lists, IDLE"."""
+
+    async def attempt(token: str | None) -> str:
+        return await asyncio.to_thread(_check_folders, settings, folders, token)
+
     try:
-        return await asyncio.to_thread(_check_folders, settings, folders)
-    except PermanentMailError:
+        return await _authenticated(settings, tokens, attempt)
+    except BridgeError:
         raise
     except Exception as exc:
         raise classify(exc) from exc
@@ -662,15 +725,20 @@ def _copyuid(data: object, uid: int) -> Copied | None:
     return Copied(uidvalidity=int(fields[0]), uid=targets[sources.index(uid)])
 
 
-async def with_connection(settings: ImapSettings, work: Callable[[MailConnection], T]) -> T:
+async def with_connection(
+    settings: ImapSettings,
+    work: Callable[[MailConnection], T],
+    tokens: TokenSource | None = None,
+) -> T:
     """Log in on a fresh connection, run `work` on it in a worker thread, log out.
 
     Errors `work` raises on purpose (BridgeError) pass through; library and network errors
-    become TemporaryMailError or PermanentMailError (classify()).
+    become TemporaryMailError or PermanentMailError (classify()). `tokens`: the account's
+    OAuth2 tokens, for auth = "oauth2".
     """
 
-    def run() -> T:
-        client = _login(settings)
+    def run(token: str | None) -> T:
+        client = _login(settings, token)
         try:
             # Cached from the LOGIN answer; SELECT would discard it.
             client.capabilities()
@@ -678,8 +746,11 @@ async def with_connection(settings: ImapSettings, work: Callable[[MailConnection
         finally:
             _logout(client)
 
+    async def attempt(token: str | None) -> T:
+        return await asyncio.to_thread(run, token)
+
     try:
-        return await asyncio.to_thread(run)
+        return await _authenticated(settings, tokens, attempt)
     except BridgeError:
         raise
     except Exception as exc:

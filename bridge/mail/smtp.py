@@ -15,7 +15,8 @@ from typing import TypeVar
 import aiosmtplib
 
 from bridge.config import SmtpSettings
-from bridge.errors import MailError, PermanentMailError, TemporaryMailError
+from bridge.errors import MailError, PermanentMailError, SignInNeeded, TemporaryMailError
+from bridge.mail.auth import TokenSource, with_token
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ async def send(
     recipients: Sequence[str],
     settings: SmtpSettings,
     accepted: Callable[[str], Awaitable[None]] | None = None,
+    tokens: TokenSource | None = None,
 ) -> str:
     """Send `message` to exactly `recipients` (the envelope); return the server's answer line.
 
@@ -45,7 +47,7 @@ async def send(
     if not recipients:
         raise PermanentMailError("the mail has no recipient")
     sender = _bare_address(settings.sender)
-    async with _session(settings) as (smtp, _greeting):
+    async with _session(settings, tokens) as (smtp, _greeting):
         if isinstance(message, bytes):
             refused, answer = await smtp.sendmail(sender, list(recipients), message)
         else:
@@ -71,31 +73,59 @@ async def send(
     return result
 
 
-async def check_login(settings: SmtpSettings) -> str:
+async def check_login(settings: SmtpSettings, tokens: TokenSource | None = None) -> str:
     """Connect, log in and quit (for `mailbridge check`); return the server's greeting line."""
-    async with _session(settings) as (_smtp, greeting):
+    async with _session(settings, tokens) as (_smtp, greeting):
         pass
     return _one_line(f"{greeting.code} {greeting.message}", settings)
 
 
 @contextlib.asynccontextmanager
 async def _session(
-    settings: SmtpSettings,
+    settings: SmtpSettings, tokens: TokenSource | None = None
 ) -> AsyncIterator[tuple[aiosmtplib.SMTP, aiosmtplib.SMTPResponse]]:
     """A connected, logged-in client; library errors leave as Temporary/PermanentMailError."""
     smtp = _client(settings)
     try:
         greeting = await smtp.connect()
-        await smtp.login(*settings.login)
+        if settings.auth == "oauth2":
+            await _bearer_login(smtp, settings, tokens)
+        else:
+            await smtp.login(*settings.login)
         yield smtp, greeting
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
         await _close(smtp)
         raise _translate(exc, settings) from None
+    except MailError:  # from the token source: sign in again, or the token endpoint is down
+        await _close(smtp)
+        raise
     except BaseException:  # cancelled (shutdown): drop the connection, keep the cause
         smtp.close()
         raise
     # After a mail was taken, a failing QUIT must not make the caller send it again.
     await _quit(smtp)
+
+
+async def _bearer_login(
+    smtp: aiosmtplib.SMTP, settings: SmtpSettings, tokens: TokenSource | None
+) -> None:
+    """AUTH XOAUTH2 with the account's access token (Microsoft and Gmail offer no other)."""
+    if tokens is None:
+        raise SignInNeeded(f"SMTP {settings.user}: signs in with OAuth2, but has no tokens")
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()
+    if "xoauth2" not in smtp.server_auth_methods:
+        raise aiosmtplib.SMTPException("the server does not offer AUTH XOAUTH2")
+
+    async def attempt(token: str) -> None:
+        await smtp.auth_xoauth2(settings.user, token)
+
+    await with_token(tokens, attempt, _login_refused)
+
+
+def _login_refused(exc: BaseException) -> bool:
+    # RFC 4954 §6: 535 is "credentials invalid"; 454 is a temporary failure, not a refusal.
+    return isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code == 535
 
 
 def _client(settings: SmtpSettings) -> aiosmtplib.SMTP:

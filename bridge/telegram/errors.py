@@ -1,10 +1,15 @@
-"""One reading of Telegram's errors for the watcher, the outbox and the bot: what to do next."""
+"""One reading of Telegram's errors for the watcher, the outbox and the bot: what to do next
+(and, for start-up calls, retrying until Telegram answers)."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from telegram.error import (
     BadRequest,
@@ -16,9 +21,13 @@ from telegram.error import (
     TelegramError,
 )
 
+from bridge import metrics
+from bridge.errors import TokenRefused
 from bridge.logs import MASK
-from bridge.retry import retry_delay
+from bridge.retry import Backoff, Stopped, retry_delay, wait_or_stop
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_REASON = 200
 # Bot API "Authorizing your bot": a token is "<bot id>:<secret>"; httpx and PTB messages may
 # carry it, also inside a ".../bot<token>/method" URL.
@@ -104,3 +113,42 @@ def _reason(exc: TelegramError) -> str:
     kind = type(exc).__name__
     line = text if text.lower().startswith(kind.lower()) else f"{kind}: {text}"
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
+
+
+def count(failure: TelegramFailure) -> TelegramFailure:
+    """Count a failed Bot API call in mailbridge_telegram_errors_total; returns it."""
+    metrics.TELEGRAM_ERRORS.labels(verdict=failure.verdict.value).inc()
+    return failure
+
+
+async def call_until_answered(
+    what: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event
+) -> T:
+    """Call until Telegram answers (for start-up calls such as getMe and deleteWebhook).
+
+    Network errors, 5xx and flood waits are retried with backoff, logged once; a refused
+    token raises TokenRefused; any other error is raised as it is. Stopped when stop is set
+    while waiting.
+    """
+    backoff = Backoff()
+    failures = 0
+    while True:
+        try:
+            result = await call()
+        except TelegramError as exc:
+            failure = count(classify(exc))
+            if failure.verdict is Verdict.TOKEN:
+                raise TokenRefused from exc
+            if failure.verdict not in (Verdict.TRANSIENT, Verdict.RETRY_AFTER):
+                raise
+        else:
+            metrics.telegram_answered()
+            if failures:
+                logger.info("%s: Telegram answered after %d failure(s)", what, failures)
+            return result
+        failures += 1
+        if failures == 1:
+            logger.warning("%s failed (%s); retrying", what, failure.reason)
+        delay = failure.delay if failure.delay is not None else backoff.next()
+        if await wait_or_stop(stop, delay):
+            raise Stopped

@@ -16,7 +16,10 @@ from telegram import Update
 from telegram.error import Conflict, TelegramError
 from telegram.ext import Application
 
-from bridge.telegram.errors import Verdict, classify
+from bridge import metrics
+from bridge.errors import TokenRefused
+from bridge.retry import Stopped
+from bridge.telegram.errors import Verdict, call_until_answered, classify, count
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,14 @@ async def poll(
 ) -> None:
     """Fetch, handle, then confirm updates until stop is set."""
     bot = application.bot
-    await bot.delete_webhook(drop_pending_updates=False)  # never drop pending updates
+    try:  # a transient error at start must not end the service: retried until stop
+        await call_until_answered(
+            "deleteWebhook",
+            lambda: bot.delete_webhook(drop_pending_updates=False),  # never drop pending ones
+            stop,
+        )
+    except Stopped:
+        return
     offset: int | None = None
     delay = 0.0
     while not stop.is_set():
@@ -51,9 +61,9 @@ async def poll(
         try:
             updates = fetch.result()
         except TelegramError as exc:
-            failure = classify(exc)
+            failure = count(classify(exc))
             if failure.verdict is Verdict.TOKEN:
-                raise
+                raise TokenRefused from exc
             if failure.verdict is Verdict.RETRY_AFTER and failure.delay is not None:
                 delay = failure.delay
             elif isinstance(exc, Conflict):
@@ -65,6 +75,7 @@ async def poll(
                 delay = min(MAX_BACKOFF, max(1.0, delay * 2))
             continue
         delay = 0.0
+        metrics.telegram_answered()
         for update in updates:
             await application.process_update(update)
             offset = update.update_id + 1  # confirmed by the next getUpdates

@@ -1,0 +1,140 @@
+"""Who does what when several instances share one database: a lease per piece of work.
+
+A lease is a row (name, holder, token, expires_at) in the database. An instance takes a lease
+that is free or expired, and renews it every third of BRIDGE_LEASE_SECONDS while it works; an
+instance that dies stops renewing, and another takes the work over once the lease expired.
+Every new holder gets a larger fencing token: writes that only the holder may make (a folder's
+cursor, a chat's delivered mail) check it in the same transaction, so an instance that was
+paused past its lease cannot write after another took over. Nothing here relies on in-process
+locks for correctness across instances; with one instance every lease is simply its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+
+from sqlalchemy.exc import OperationalError
+
+from bridge.db import store
+from bridge.db.engine import Database
+from bridge.errors import DatabaseError
+from bridge.retry import wait_or_stop
+
+logger = logging.getLogger(__name__)
+
+
+def instance_id() -> str:
+    """This process's name in lease rows: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()[:60]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Held(NamedTuple):
+    """A lease this instance holds: its name, holder and fencing token."""
+
+    name: str
+    holder: str
+    token: int
+
+
+Work = Callable[[asyncio.Event, Held], Coroutine[object, object, None]]
+
+
+class Leases:
+    """Runs each piece of work only while this instance holds its lease."""
+
+    def __init__(self, db: Database, seconds: float, holder: str | None = None) -> None:
+        self.db, self.seconds = db, seconds
+        self.holder = holder or instance_id()
+        self._work: dict[str, Work] = {}
+        self._running: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self.held: dict[str, Held] = {}
+        self.changes = 0  # leases taken over or lost, for metrics and tests
+        self.settled = asyncio.Event()  # the first round is done (tests, benchmarks)
+
+    def add(self, name: str, work: Work) -> None:
+        """Run `work(stop, held)` whenever this instance holds lease `name`."""
+        self._work[name] = work
+
+    async def take(self, name: str) -> Held | None:
+        """Take or renew one lease now; None when another instance holds it."""
+        until = datetime.now(UTC) + timedelta(seconds=self.seconds)
+        token = await self.db.run(store.take_lease, name, self.holder, until)
+        if token is None:
+            return None
+        held = Held(name, self.holder, token)
+        if name not in self._work:
+            self.held[name] = held  # released with the rest at a clean stop
+        return held
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take, renew and release leases until stop is set; start and stop the work."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self._round(stop)
+                    self.settled.set()
+                except (OperationalError, DatabaseError) as exc:
+                    # Without the database no lease can be renewed: stop the work, it would
+                    # lose its lease anyway, and another instance may take over.
+                    logger.error("leases: database unusable (%s); stopping leased work", exc)
+                    await self._stop_all()
+                if await wait_or_stop(stop, self.seconds / 3):
+                    break
+        finally:
+            await self._stop_all()
+            names = list(self.held)
+            self.held.clear()
+            if names:
+                try:
+                    await self.db.run(store.release_leases, names, self.holder)
+                except (OperationalError, DatabaseError):
+                    logger.warning("could not release leases; they expire by themselves")
+
+    async def _round(self, stop: asyncio.Event) -> None:
+        for name, work in self._work.items():
+            held = await self.take(name)
+            running = self._running.get(name)
+            if running is not None and running[0].done():
+                self._running.pop(name)
+                running = None
+            if held is None:
+                if name in self.held:
+                    self.held.pop(name)
+                    self.changes += 1
+                    logger.warning("lost lease %s to another instance; stopping that work", name)
+                if running is not None:
+                    await self._stop(name)
+                continue
+            if name not in self.held:
+                self.changes += 1
+                logger.info("took lease %s (token %d)", name, held.token)
+            elif self.held[name].token != held.token and running is not None:
+                # Our lease had expired (a long pause): the work restarts under the new token.
+                await self._stop(name)
+                running = None
+            self.held[name] = held
+            if running is None and not stop.is_set():
+                work_stop = asyncio.Event()
+                task = asyncio.create_task(work(work_stop, held), name=f"lease {name}")
+                self._running[name] = (task, work_stop)
+
+    async def _stop(self, name: str) -> None:
+        task, work_stop = self._running.pop(name)
+        work_stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        except TimeoutError:
+            logger.warning("work under lease %s did not stop in time", name)
+        except Exception:
+            logger.exception("work under lease %s failed", name)
+
+    async def _stop_all(self) -> None:
+        for name in list(self._running):
+            await self._stop(name)
