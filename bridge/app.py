@@ -7,17 +7,19 @@ import contextlib
 import logging
 import signal
 import traceback
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from telegram import Bot
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application
 
 from bridge import http
 from bridge.chat_to_mail import Outbox
 from bridge.config import AccountSettings, Settings
+from bridge.db import store
 from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
 from bridge.delivery import ChatLocks, Delivery
@@ -26,6 +28,7 @@ from bridge.jobs import JobRunner
 from bridge.leases import Leases
 from bridge.logs import SecretFilter, mask_secrets
 from bridge.mail_to_chat import FolderPoller, FolderWatcher
+from bridge.oauth import AccessTokens
 from bridge.retry import Stopped
 from bridge.telegram import polling
 from bridge.telegram.bot import build_application, make_bot
@@ -118,7 +121,11 @@ def _origin(settings: Settings, account: AccountSettings, folder: str) -> str:
 
 
 def build_watchers(
-    settings: Settings, db: Database, delivery: Delivery, executor: ThreadPoolExecutor
+    settings: Settings,
+    db: Database,
+    delivery: Delivery,
+    executor: ThreadPoolExecutor,
+    tokens: AccessTokens | None = None,
 ) -> tuple[list[FolderWatcher], list[FolderPoller]]:
     """One watcher per folder; per account, folders beyond its connection budget (keeping one
     connection for the poller) share a FolderPoller."""
@@ -137,6 +144,7 @@ def build_watchers(
                 digest_threshold=settings.telegram.digest_threshold,
                 origin=_origin(settings, account, folder),
                 executor=executor,
+                tokens=tokens.source(account.name) if tokens is not None else None,
             )
             for folder in account.folders
         ]
@@ -155,11 +163,13 @@ async def serve(
     locks = ChatLocks()
     leases = Leases(db, settings.core.lease_seconds)
     delivery = Delivery(settings.telegram, db, bot, locks, leases)
-    outbox = Outbox(settings.accounts, settings.telegram, db, bot)
-    jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox)
+    notify = _notify_chats(bot, settings.telegram.notify_chats)
+    tokens = AccessTokens(settings.accounts, settings.core.secret_keys, db, notify)
+    outbox = Outbox(settings.accounts, settings.telegram, db, bot, tokens=tokens)
+    jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox, tokens=tokens)
     connections = sum(min(len(a.folders), a.imap.max_connections) for a in settings.accounts)
     executor = ThreadPoolExecutor(max_workers=connections + 4, thread_name_prefix="imap")
-    watchers, pollers = build_watchers(settings, db, delivery, executor)
+    watchers, pollers = build_watchers(settings, db, delivery, executor, tokens)
     polled = {id(w) for p in pollers for w in p.watchers}
     deps = Deps(
         settings=settings,
@@ -169,12 +179,15 @@ async def serve(
         chat_locks=locks,
         outbox=outbox,
         jobs=jobs,
+        tokens=tokens,
     )
     application = build_application(settings.telegram, bot, deps)
     try:
         if not await _initialize(application, stop) or not await _set_commands(application, stop):
             return
         await delivery.load()
+        for account in settings.accounts:  # before the watchers, which all look them up
+            await db.run(store.ensure_account, account.name)
         await application.start()
         logger.info(
             "mailbridge running: %d account(s), %d folder(s) (%d polled)",
@@ -206,7 +219,21 @@ async def serve(
         if application.running:  # also after a crash, so that shutdown() does not hide it
             await application.stop()
         await application.shutdown()
+        await tokens.aclose()
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _notify_chats(bot: Bot, chats: Sequence[int]) -> Callable[[str], Awaitable[None]]:
+    """How bridge/oauth.py tells the notify chats that an account must sign in again."""
+
+    async def notify(text: str) -> None:
+        for chat_id in chats:
+            try:
+                await bot.send_message(chat_id, text)
+            except TelegramError as exc:  # told once: a chat that refuses it is logged
+                logger.warning("could not tell chat %s about a sign-in: %s", chat_id, exc)
+
+    return notify
 
 
 def watcher_lease(watcher: FolderWatcher) -> str:

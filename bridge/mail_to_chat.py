@@ -26,6 +26,7 @@ from bridge.db.engine import Database
 from bridge.delivery import Delivery, topic_key
 from bridge.errors import DatabaseError, LeaseLost, MailError, PermanentMailError
 from bridge.leases import Held
+from bridge.mail.auth import TokenSource
 from bridge.mail.imap import FETCH_BATCH, FetchedMail, FolderState, ImapSession
 from bridge.mail.parse import ParsedMail, parse_mail
 from bridge.mail.summary import render_summary, render_unparseable, with_origin
@@ -110,8 +111,10 @@ class FolderWatcher:
         origin: str = "",
         checked: asyncio.Event | None = None,
         executor: Executor | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.account, self.folder = account, folder
+        self.tokens = tokens  # the account's OAuth2 tokens, for imap.auth = "oauth2"
         self.db, self.delivery = db, delivery
         self.routes, self.default_chats = routes, default_chats
         self.preview_chars, self.digest_threshold = preview_chars, digest_threshold
@@ -141,7 +144,7 @@ class FolderWatcher:
         self.fence = held
         backoff = Backoff()
         while not stop.is_set():
-            session = ImapSession(self.account.imap, self.folder, self.executor)
+            session = ImapSession(self.account.imap, self.folder, self.executor, self.tokens)
             try:
                 folder = await session.connect()
                 self.recovered()
@@ -159,6 +162,8 @@ class FolderWatcher:
             except (Stopped, LeaseLost):
                 break
             except (MailError, DatabaseError, OperationalError) as exc:
+                if stop.is_set():
+                    break  # stopping shuts the socket under a pending IDLE: no failure
                 self.failed(exc)
                 metrics.IMAP_RECONNECTS.labels(account=self.account.name).inc()
                 await wait_or_stop(stop, backoff.next())
@@ -321,7 +326,8 @@ class FolderPoller:
             watcher.fence = held
         backoff = Backoff()
         while not stop.is_set():
-            session = ImapSession(self.account.imap, self.watchers[0].folder, self.executor)
+            first = self.watchers[0]
+            session = ImapSession(self.account.imap, first.folder, self.executor, first.tokens)
             try:
                 await session.connect()
                 backoff.reset()
