@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Literal
 
 from bridge.config import ImapSettings
 from bridge.errors import PermanentMailError, UsageError
+from bridge.mail.auth import TokenSource
 from bridge.mail.decode import decode_bytes, strip_controls
 from bridge.mail.imap import FetchedMail, MailConnection, with_connection
 
@@ -122,10 +123,12 @@ class SearchQuery:
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One search result: where it is, and the header fields the digest line shows."""
+    """One search result: where it is, the header fields its line shows, and what a summary
+    is made from (fetched on the search's own connection, not one connection per hit)."""
 
     location: MailLocation
     header: bytes
+    fetched: FetchedMail | None = None
 
 
 def _no_note(_: str) -> None:
@@ -152,12 +155,16 @@ def _locate(conn: MailConnection, loc: MailLocation, *, readonly: bool) -> MailL
     return replace(loc, uidvalidity=state.uidvalidity, uid=uids[-1])
 
 
-async def locate(imap: ImapSettings, loc: MailLocation) -> MailLocation:
+async def locate(
+    imap: ImapSettings, loc: MailLocation, tokens: TokenSource | None = None
+) -> MailLocation:
     """Where the mail is now (the same location, or a new UID found by Message-ID); MailGone."""
-    return await with_connection(imap, lambda conn: _locate(conn, loc, readonly=True))
+    return await with_connection(imap, lambda conn: _locate(conn, loc, readonly=True), tokens)
 
 
-async def set_seen(imap: ImapSettings, loc: MailLocation, seen: bool) -> MailLocation:
+async def set_seen(
+    imap: ImapSettings, loc: MailLocation, seen: bool, tokens: TokenSource | None = None
+) -> MailLocation:
     """Set or clear \\Seen on the server; returns where the mail is."""
 
     def work(conn: MailConnection) -> MailLocation:
@@ -165,17 +172,19 @@ async def set_seen(imap: ImapSettings, loc: MailLocation, seen: bool) -> MailLoc
         conn.set_flag(found.uid, b"\\Seen", seen)
         return found
 
-    return await with_connection(imap, work)
+    return await with_connection(imap, work, tokens)
 
 
-async def is_seen(imap: ImapSettings, loc: MailLocation) -> bool:
+async def is_seen(
+    imap: ImapSettings, loc: MailLocation, tokens: TokenSource | None = None
+) -> bool:
     """Whether the mail has \\Seen (read-only: EXAMINE changes nothing)."""
 
     def work(conn: MailConnection) -> bool:
         found = _locate(conn, loc, readonly=True)
         return b"\\Seen" in (conn.live_flags(found.uid) or ())
 
-    return await with_connection(imap, work)
+    return await with_connection(imap, work, tokens)
 
 
 def _role_folder(conn: MailConnection, imap: ImapSettings, role: Role, account: str) -> str:
@@ -219,18 +228,25 @@ def _move(conn: MailConnection, loc: MailLocation, folder: str) -> MailLocation:
 
 
 async def move(
-    imap: ImapSettings, loc: MailLocation, role: Role, *, account: str = ""
+    imap: ImapSettings,
+    loc: MailLocation,
+    role: Role,
+    *,
+    account: str = "",
+    tokens: TokenSource | None = None,
 ) -> MailLocation:
     """Move the mail to the account's archive, trash or junk folder; its new location.
 
     `account` only names the setting in FolderMissing's message.
     """
     return await with_connection(
-        imap, lambda conn: _move(conn, loc, _role_folder(conn, imap, role, account))
+        imap, lambda conn: _move(conn, loc, _role_folder(conn, imap, role, account)), tokens
     )
 
 
-async def move_to(imap: ImapSettings, loc: MailLocation, folder: str) -> MailLocation:
+async def move_to(
+    imap: ImapSettings, loc: MailLocation, folder: str, tokens: TokenSource | None = None
+) -> MailLocation:
     """Move the mail to a named folder (Undo: back where it was); its new location."""
 
     def work(conn: MailConnection) -> MailLocation:
@@ -238,7 +254,7 @@ async def move_to(imap: ImapSettings, loc: MailLocation, folder: str) -> MailLoc
             raise FolderMissing(folder)
         return _move(conn, loc, folder)
 
-    return await with_connection(imap, work)
+    return await with_connection(imap, work, tokens)
 
 
 def _structure(conn: MailConnection, loc: MailLocation) -> MimePart:
@@ -291,11 +307,13 @@ def _read_text(conn: MailConnection, loc: MailLocation) -> FullText:
     return FullText("\n\n".join(p for p in pieces if p), markup, complete)
 
 
-async def full_text(imap: ImapSettings, loc: MailLocation) -> FullText:
+async def full_text(
+    imap: ImapSettings, loc: MailLocation, tokens: TokenSource | None = None
+) -> FullText:
     """The whole text (text/plain, else the HTML as text) and the HTML; only the text parts are
     fetched (BODY.PEEK[<part>], never \\Seen), never the attachments."""
     return await with_connection(
-        imap, lambda conn: _read_text(conn, _locate(conn, loc, readonly=True))
+        imap, lambda conn: _read_text(conn, _locate(conn, loc, readonly=True)), tokens
     )
 
 
@@ -321,7 +339,9 @@ def _attachment(part: MimePart) -> AttachmentPart:
     )
 
 
-async def attachment_parts(imap: ImapSettings, loc: MailLocation) -> list[AttachmentPart]:
+async def attachment_parts(
+    imap: ImapSettings, loc: MailLocation, tokens: TokenSource | None = None
+) -> list[AttachmentPart]:
     """The mail's attachments from BODYSTRUCTURE alone (nothing downloaded), in order.
 
     Inline images count only when they are files: an image without a name that was not
@@ -332,7 +352,7 @@ async def attachment_parts(imap: ImapSettings, loc: MailLocation) -> list[Attach
         found = _locate(conn, loc, readonly=True)
         return [_attachment(p) for p in find_attachments(_structure(conn, found))]
 
-    return await with_connection(imap, work)
+    return await with_connection(imap, work, tokens)
 
 
 def _walk(part: MimePart) -> list[MimePart]:
@@ -360,24 +380,32 @@ def _save_part(
 
 
 async def save_part(
-    imap: ImapSettings, loc: MailLocation, part: AttachmentPart, target: BinaryIO
+    imap: ImapSettings,
+    loc: MailLocation,
+    part: AttachmentPart,
+    target: BinaryIO,
+    tokens: TokenSource | None = None,
 ) -> int:
     """Write one attachment, decoded, to `target`; only that part is fetched, in chunks of
     CHUNK_BYTES (neither it nor the mail is ever whole in memory). Returns octets fetched."""
-    return await with_connection(imap, lambda conn: _save_part(conn, loc, part, target))
+    return await with_connection(imap, lambda conn: _save_part(conn, loc, part, target), tokens)
 
 
-async def save_raw(imap: ImapSettings, loc: MailLocation, target: BinaryIO) -> int:
+async def save_raw(
+    imap: ImapSettings, loc: MailLocation, target: BinaryIO, tokens: TokenSource | None = None
+) -> int:
     """Write the whole original mail to `target` in chunks (to forward it as message/rfc822)."""
 
     def work(conn: MailConnection) -> int:
         found = _locate(conn, loc, readonly=True)
         return conn.stream(found.uid, "", target.write)
 
-    return await with_connection(imap, work)
+    return await with_connection(imap, work, tokens)
 
 
-async def fetch_summary_source(imap: ImapSettings, loc: MailLocation) -> FetchedMail:
+async def fetch_summary_source(
+    imap: ImapSettings, loc: MailLocation, tokens: TokenSource | None = None
+) -> FetchedMail:
     """What the watcher fetches of a new mail (its start and structure), for one mail."""
 
     def work(conn: MailConnection) -> FetchedMail:
@@ -386,7 +414,7 @@ async def fetch_summary_source(imap: ImapSettings, loc: MailLocation) -> Fetched
             raise MailGone(loc.folder)
         return fetched
 
-    return await with_connection(imap, work)
+    return await with_connection(imap, work, tokens)
 
 
 def _gmail_quote(value: str) -> str:
@@ -440,15 +468,20 @@ def _search(
         state = conn.select(folder, readonly=True) if uids else None
         if state is None:
             continue
+        fetched = {mail.uid: mail for mail in conn.summaries(uids)}
         for uid, header in conn.headers(uids):
             message_id = parse_mail(header).message_id
             location = MailLocation(folder, state.uidvalidity, uid, message_id)
-            hits[index, uid] = SearchHit(location, header)
+            hits[index, uid] = SearchHit(location, header, fetched.get(uid))
     return [hits[i, uid] for _, i, uid in chosen if (i, uid) in hits]
 
 
 async def search(
-    imap: ImapSettings, folders: Sequence[str], query: SearchQuery, limit: int = 10
+    imap: ImapSettings,
+    folders: Sequence[str],
+    query: SearchQuery,
+    limit: int = 10,
+    tokens: TokenSource | None = None,
 ) -> list[SearchHit]:
     """The newest `limit` mails matching the query across folders, newest first (by arrival).
 
@@ -456,7 +489,7 @@ async def search(
     X-GM-RAW where the server offers X-GM-EXT-1; mails marked \\Deleted are left out.
     """
     chosen = list(folders) or [imap.mailbox]
-    return await with_connection(imap, lambda conn: _search(conn, chosen, query, limit))
+    return await with_connection(imap, lambda conn: _search(conn, chosen, query, limit), tokens)
 
 
 _KEYS = ("from", "to", "subject", "since", "before", "account", "folder")

@@ -93,7 +93,10 @@ async def run_search(runner: JobRunner, job: store.JobRecord) -> None:
         targets = [(a, [folder] if folder else list(a.folders)) for a in chosen]
         limit, title = SEARCH_LIMIT, f"{{n}} newest matches for “{job.args}”"
     found = await asyncio.gather(
-        *(actions.search(a.imap, folders, query, limit=limit) for a, folders in targets)
+        *(
+            actions.search(a.imap, folders, query, limit=limit, tokens=runner.tokens_for(a))
+            for a, folders in targets
+        )
     )
     hits = [(a, hit) for (a, _), hits in zip(targets, found, strict=True) for hit in hits]
     mails = [(a, hit, parse_mail(hit.header)) for a, hit in hits]
@@ -131,7 +134,9 @@ async def _remember(
 ) -> int | None:
     """The hit's row with a rendered summary, so that its button can post it."""
     where = hit.location
-    fetched = await actions.fetch_summary_source(account.imap, where)
+    fetched = await actions.fetch_summary_source(
+        account.imap, where, tokens=runner.tokens_for(account)
+    )
     text, parsed = summarise(fetched, preview_chars=1200)
     origin = " · ".join(([account.name] if several else []) + [where.folder])
     record = record_of(where.uid, parsed, with_origin(text, origin))

@@ -708,6 +708,10 @@ class MailConnection:
         """What the watcher fetches of a new mail, for one UID; None when it is not there."""
         return next(iter(_fetch_summaries(self.client, [uid])), None)
 
+    def summaries(self, uids: list[int]) -> list[FetchedMail]:
+        """What the watcher fetches of each new mail, in one FETCH per batch."""
+        return _fetch_summaries(self.client, uids)
+
 
 def _bare_id(value: bytes) -> bytes:
     """A Message-ID (or the header field holding one) without brackets and whitespace."""
