@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,7 @@ from bridge.logs import SecretFilter, mask_secrets
 from bridge.mail_to_chat import FolderPoller, FolderWatcher
 from bridge.oauth import AccessTokens
 from bridge.retry import Stopped
-from bridge.telegram import polling
+from bridge.telegram import polling, webhook
 from bridge.telegram.bot import build_application, make_bot
 from bridge.telegram.deps import Deps
 from bridge.telegram.errors import call_until_answered
@@ -101,14 +100,21 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _where(exc: BaseException) -> str:
-    """The innermost frame of the bridge's own code in the traceback: "in poll (file:line)"."""
+    """The task and the place, from the bridge's own frames of the traceback: the outermost
+    (the task's coroutine, e.g. "Delivery.run") and the innermost (where it went wrong)."""
     package = Path(__file__).resolve().parent
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        path = Path(frame.filename).resolve()
+    ours: list[tuple[str, str]] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        path = Path(code.co_filename).resolve()
         if path.is_relative_to(package):
-            where = path.relative_to(package.parent).as_posix()
-            return f"in {frame.name} ({where}:{frame.lineno})"
-    return "outside the bridge's code"
+            where = f"{path.relative_to(package.parent).as_posix()}:{tb.tb_lineno}"
+            ours.append((code.co_qualname, where))
+        tb = tb.tb_next
+    if not ours:
+        return "outside the bridge's code"
+    return f"in {ours[0][0]}, at {ours[-1][1]}"
 
 
 def _origin(settings: Settings, account: AccountSettings, folder: str) -> str:
@@ -201,11 +207,11 @@ async def serve(
                 leases.add(watcher_lease(watcher), watcher.run)
         for poller in pollers:
             leases.add(f"poll:{poller.account.name}", poller.run)
-        leases.add(
-            "telegram:updates", lambda work_stop, _held: polling.poll(application, work_stop)
-        )
-        delivery.leases = leases
+        if not settings.telegram.webhook_url:  # long polling: one instance at a time
+            leases.add("telegram:updates", lambda halt, _held: polling.poll(application, halt))
         async with asyncio.TaskGroup() as group:
+            if settings.telegram.webhook_url:  # every instance takes updates
+                group.create_task(webhook.serve(application, db, settings.telegram, stop))
             group.create_task(leases.run(stop))
             group.create_task(delivery.run(stop))
             group.create_task(outbox.work(stop))

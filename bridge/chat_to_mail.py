@@ -8,6 +8,7 @@ import email.policy
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from telegram import Bot
@@ -17,11 +18,20 @@ from bridge import metrics
 from bridge.config import AccountSettings, TelegramSettings
 from bridge.db import store
 from bridge.db.engine import Database
-from bridge.errors import BridgeError, DatabaseError, PermanentMailError, TemporaryMailError
+from bridge.errors import (
+    BridgeError,
+    DatabaseError,
+    PermanentMailError,
+    SignInNeeded,
+    TemporaryMailError,
+)
 from bridge.mail import smtp
 from bridge.mail.compose import OutgoingMail, build_message, envelope_recipients, make_message_id
 from bridge.mail.imap import append_sent
 from bridge.telegram.errors import Verdict, classify, count
+
+if TYPE_CHECKING:
+    from bridge.oauth import AccessTokens
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +68,11 @@ class Outbox:
         telegram: TelegramSettings,
         db: Database,
         bot: Bot,
+        tokens: AccessTokens | None = None,
     ) -> None:
         if not accounts:
             raise ValueError("the outbox needs at least one account")
+        self._tokens = tokens  # OAuth2 accounts' tokens, by account name
         self._accounts = {account.name: account for account in accounts}
         self._first = accounts[0]
         self.send_rate_limit = telegram.send_rate_limit
@@ -201,10 +213,15 @@ class Outbox:
             # The mail is gone: this write must land, or a restart would send it again.
             await self.db.persist(store.mark_outbox, item.id, "sent", error=answer)
 
+        signed_in = self._tokens.source(account.name) if self._tokens is not None else None
+
         try:
             # The stored bytes, as they are: nothing is parsed back or built again.
-            await smtp.send(item.raw, list(item.recipients), account.smtp, record_sent)
-        except TemporaryMailError as exc:
+            await smtp.send(
+                item.raw, list(item.recipients), account.smtp, record_sent, tokens=signed_in
+            )
+        except (TemporaryMailError, SignInNeeded) as exc:
+            # An account that must sign in again keeps its mail until it has (or 24 h pass).
             await self._retry_or_fail(item, str(exc))
             return
         except PermanentMailError as exc:
@@ -218,7 +235,7 @@ class Outbox:
         await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}")
         if account.imap.save_sent:
             try:
-                await append_sent(account.imap, item.raw)
+                await append_sent(account.imap, item.raw, signed_in)
             except BridgeError as exc:
                 logger.warning("could not save a copy in the Sent folder: %s", exc)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import mimetypes
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -17,7 +18,9 @@ from bridge import __version__
 from bridge.errors import BridgeError, ConfigError, MailError
 
 if TYPE_CHECKING:
-    from bridge.config import AccountSettings, ImapSettings, Settings
+    from bridge.config import AccountSettings, CoreSettings, ImapSettings, Settings
+    from bridge.mail.auth import TokenSource
+    from bridge.oauth import AccessTokens, Method
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -63,6 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", default=None, metavar="PATH", help="write here, not stdout")
     export.add_argument("--limit", type=int, default=None, metavar="N")
     export.add_argument("--mailbox", default=None, metavar="NAME")
+
+    login = sub.add_parser(
+        "login", parents=[common], help="sign an OAuth2 account in (tokens stored encrypted)"
+    )
+    login.add_argument("account", metavar="ACCOUNT", help="the account to sign in")
+    how = login.add_mutually_exclusive_group()
+    how.add_argument(
+        "--device", dest="method", action="store_const", const="device", help="a code to enter"
+    )
+    how.add_argument(
+        "--code", dest="method", action="store_const", const="code", help="a browser redirect"
+    )
+    login.add_argument(
+        "--listen",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="with --code: catch the redirect on 127.0.0.1:PORT (else paste it)",
+    )
     return parser
 
 
@@ -138,26 +160,34 @@ def _check(args: argparse.Namespace) -> int:
 
 async def _checks(settings: Settings) -> list[tuple[bool, str, str]]:
     """Every account's IMAP (each watched folder) and SMTP login, then Telegram, in order."""
-    per_account = await asyncio.gather(*(_check_account(a) for a in settings.accounts))
+    async with _oauth_tokens(settings.accounts, settings.core) as tokens:
+        per_account = await asyncio.gather(*(_check_account(a, tokens) for a in settings.accounts))
     results = [result for pair in per_account for result in pair]
     results.append(await _check_telegram(settings))
     return results
 
 
-async def _check_account(account: AccountSettings) -> list[tuple[bool, str, str]]:
-    """One line for the account's IMAP server and its folders, one for its SMTP server."""
+async def _check_account(
+    account: AccountSettings, tokens: AccessTokens
+) -> list[tuple[bool, str, str]]:
+    """One line for the account's OAuth2 sign-in (if it has one), one for the IMAP server and
+    its folders, one for its SMTP server."""
     from bridge.mail import imap, smtp
 
     results: list[tuple[bool, str, str]] = []
+    source = tokens.source(account.name)
+    if source is not None:
+        ok, text = await source.describe()
+        results.append((ok, f"{account.name} OAuth2 ({source.provider.name})", text))
     im, sm = account.imap, account.smtp
     where = f"{account.name} IMAP {im.username}@{im.host}:{im.port}"
     try:
-        results.append((True, where, await imap.check_folders(im, list(account.folders))))
+        results.append((True, where, await imap.check_folders(im, list(account.folders), source)))
     except MailError as exc:
         results.append((False, where, str(exc)))
-    where = f"{account.name} SMTP {sm.login[0]}@{sm.host}:{sm.port} ({sm.security})"
+    where = f"{account.name} SMTP {sm.user}@{sm.host}:{sm.port} ({sm.security})"
     try:
-        results.append((True, where, await smtp.check_login(sm)))
+        results.append((True, where, await smtp.check_login(sm, source)))
     except MailError as exc:
         results.append((False, where, str(exc)))
     return results
@@ -213,7 +243,7 @@ def _send(args: argparse.Namespace) -> int:
     from bridge.mail import compose, smtp
 
     smtp_settings = load_smtp(args.account)
-    secrets = [smtp_settings.login[1]]
+    secrets = [smtp_settings.password.get_secret_value()] if smtp_settings.password else []
     setup_logging(load_core().log_level, secrets)
     attachments = []
     for name in args.attach:
@@ -243,9 +273,24 @@ def _send(args: argparse.Namespace) -> int:
         message = compose.build_message(mail, sender, message_id=message_id)
     except compose.InvalidMail as exc:
         raise ConfigError(str(exc)) from None
-    answer = asyncio.run(smtp.send(message, compose.envelope_recipients(mail), smtp_settings))
+    recipients = compose.envelope_recipients(mail)
+    if smtp_settings.auth == "oauth2":
+        answer = asyncio.run(_send_signed_in(message, recipients, args.account))
+    else:
+        answer = asyncio.run(smtp.send(message, recipients, smtp_settings))
     print(f"sent {message['Message-ID']}: {answer}")
     return EXIT_OK
+
+
+async def _send_signed_in(message: Any, recipients: Sequence[str], name: str | None) -> str:
+    """Send through an account that signs in to SMTP with OAuth2."""
+    from bridge.config import load_oauth_account
+    from bridge.mail import smtp
+
+    core, account = load_oauth_account(name)
+    async with _oauth_tokens([account], core) as tokens:
+        source = tokens.source(account.name)
+        return await smtp.send(message, recipients, account.smtp, tokens=source)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -257,15 +302,16 @@ def _export(args: argparse.Namespace) -> int:
         imap_settings = imap_settings.model_copy(update={"mailbox": args.mailbox})
     if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit: must be 0 or more")
-    setup_logging(load_core().log_level, [imap_settings.password.get_secret_value()])
+    secrets = [imap_settings.password.get_secret_value()] if imap_settings.password else []
+    setup_logging(load_core().log_level, secrets)
     if not args.json:
-        asyncio.run(_export_to(sys.stdout, imap_settings, args.limit))
+        asyncio.run(_export_to(sys.stdout, imap_settings, args.limit, args.account))
         return EXIT_OK
     target = Path(args.json)
     partial = target.with_name(target.name + ".part")  # a failed export leaves no half file
     try:
         with partial.open("w", encoding="utf-8") as out:
-            count = asyncio.run(_export_to(out, imap_settings, args.limit))
+            count = asyncio.run(_export_to(out, imap_settings, args.limit, args.account))
         partial.replace(target)
     except OSError as exc:
         raise ConfigError(f"--json: cannot write {args.json}: {exc.strerror}") from None
@@ -275,11 +321,26 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _export_to(out: TextIO, settings: ImapSettings, limit: int | None) -> int:
+async def _export_to(
+    out: TextIO, settings: ImapSettings, limit: int | None, name: str | None
+) -> int:
     """Write the JSON array batch by batch: memory stays flat for any mailbox size."""
+    from bridge.config import load_oauth_account
+
+    if settings.auth != "oauth2":
+        return await _export_session(out, settings, limit, None)
+    core, account = load_oauth_account(name)
+    async with _oauth_tokens([account], core) as tokens:
+        return await _export_session(out, settings, limit, tokens.source(account.name))
+
+
+async def _export_session(
+    out: TextIO, settings: ImapSettings, limit: int | None, source: TokenSource | None
+) -> int:
+    """The export on one session (logged in with the account's OAuth2 tokens, if given)."""
     from bridge.mail.imap import FETCH_BATCH, ImapSession
 
-    session = ImapSession(settings)
+    session = ImapSession(settings, tokens=source)
     count = 0
     try:
         await session.connect()
@@ -319,10 +380,102 @@ def _export_item(mail: Any) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def _oauth_tokens(
+    accounts: Sequence[AccountSettings], core: CoreSettings
+) -> AsyncIterator[AccessTokens]:
+    """The OAuth2 accounts' tokens from the database (migrated first); without an OAuth2
+    account nothing is opened."""
+    from bridge.db.engine import Database, make_engine
+    from bridge.db.migrate import upgrade_to_head
+    from bridge.oauth import AccessTokens
+
+    if not any(a.uses_oauth2 for a in accounts):
+        yield AccessTokens([], [], None)
+        return
+    engine = make_engine(core.database_url)
+    try:
+        await asyncio.to_thread(upgrade_to_head, engine)
+        tokens = AccessTokens(accounts, core.secret_keys, Database(engine))
+        try:
+            yield tokens
+        finally:
+            await tokens.aclose()
+    finally:
+        engine.dispose()
+
+
+def _login(args: argparse.Namespace) -> int:
+    from bridge.config import load_oauth_account
+    from bridge.logs import setup_logging
+    from bridge.oauth import provider_of
+
+    try:
+        core, account = load_oauth_account(args.account)
+    except ConfigError as exc:  # the account is named by the argument, not by --account
+        raise ConfigError(str(exc).replace("--account:", "ACCOUNT:", 1)) from None
+    setup_logging(core.log_level, [*account.secrets(), *core.secret_keys], core.log_format)
+    if account.oauth2 is None:
+        raise ConfigError(f"ACCOUNT: the account {account.name!r} has no [accounts.oauth2]")
+    provider = provider_of(account.oauth2)
+    method: Method = args.method or provider.default_method
+    if args.listen is not None and method == "device":
+        raise ConfigError("--listen: only with --code (the device flow needs no redirect)")
+    if args.listen is not None and not 0 <= args.listen <= 65535:
+        raise ConfigError("--listen: a port from 0 to 65535")
+    if method == "device" and provider.device_authorization_url is None:
+        raise ConfigError(f"--device: {provider.name} offers no device flow for mail; use --code")
+    if method == "code" and provider.authorization_url is None:
+        raise ConfigError("--code: the account has no authorization_url; use --device")
+    asyncio.run(_sign_in(core, account, method, args.listen))
+    print(f"signed in: {account.name} (the tokens are stored encrypted in the database)")
+    return EXIT_OK
+
+
+async def _sign_in(
+    core: CoreSettings, account: AccountSettings, method: Method, listen: int | None
+) -> None:
+    """Run one sign-in, talking to the user on stdout (and stdin for a pasted address)."""
+    from bridge.oauth import RedirectListener, SignInFailed
+
+    async with _oauth_tokens([account], core) as tokens:
+        source = tokens.source(account.name)
+        if source is None:
+            raise ConfigError(f"ACCOUNT: {account.name!r} does not sign in with OAuth2")
+        if method == "device":
+            code = await source.start_device()
+            print(f"To sign in {account.name}, open {code.verification_uri}", flush=True)
+            print(f"and enter the code: {code.user_code}", flush=True)
+            print(
+                f"Waiting for the sign-in (up to {int(code.expires_in // 60)} min)...", flush=True
+            )
+            await source.finish_device(code)
+        elif listen is not None:
+            async with RedirectListener(listen) as listener:
+                flow = source.start_code(listener.port)
+                print(f"To sign in {account.name}, open this address in a browser:", flush=True)
+                print(flow.url, flush=True)
+                await source.finish_code(flow, await listener.wait(flow))
+        else:
+            flow = source.start_code()
+            print(f"To sign in {account.name}, open this address in a browser:", flush=True)
+            print(flow.url, flush=True)
+            print(
+                "After the sign-in the browser shows a page that does not load: copy its whole "
+                "address (http://...) from the address bar, paste it here and press Enter:",
+                flush=True,
+            )
+            pasted = await asyncio.to_thread(sys.stdin.readline)
+            if not pasted.strip():
+                raise SignInFailed("no address was pasted")
+            await source.finish_code(flow, pasted)
+
+
 _COMMANDS = {
     "run": _run,
     "check": _check,
     "migrate": _migrate,
     "send": _send,
     "export": _export,
+    "login": _login,
 }

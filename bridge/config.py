@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+from cryptography.fernet import Fernet
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,8 +36,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-
-from cryptography.fernet import Fernet
 
 from bridge.errors import ConfigError
 
@@ -757,13 +756,14 @@ def _missing_secret_key(core: CoreSettings, accounts: Iterable[AccountSettings])
     ]
 
 
-def load_oauth_account(name: str) -> tuple[CoreSettings, AccountSettings]:
-    """An OAuth2 account and the core settings that store its tokens (`mailbridge login`)."""
+def load_oauth_account(name: str | None) -> tuple[CoreSettings, AccountSettings]:
+    """An OAuth2 account (the named one, else the first) and the core settings that store
+    its tokens."""
     account = load_account(name)
-    if account.oauth2 is None:
+    if account.oauth2 is None or not account.uses_oauth2:
         raise ConfigError(
-            f'ACCOUNT: the account {name!r} does not sign in with OAuth2 (set imap.auth = "oauth2" '
-            "and an [accounts.oauth2] block)"
+            f"ACCOUNT: the account {name!r} does not sign in with OAuth2 (set imap.auth = "
+            '"oauth2" and an [accounts.oauth2] block)'
         )
     core = load_core()
     errors = _missing_secret_key(core, [account])

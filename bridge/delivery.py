@@ -17,6 +17,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy.exc import OperationalError
 from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
@@ -25,7 +26,7 @@ from bridge import metrics
 from bridge.config import TelegramSettings
 from bridge.db import store
 from bridge.db.engine import Database
-from bridge.errors import TokenRefused
+from bridge.errors import DatabaseError, TokenRefused
 from bridge.leases import Leases
 from bridge.mail.summary import (
     COMBINED_LISTED,
@@ -155,20 +156,25 @@ class Delivery:
         async with asyncio.TaskGroup() as group:
             while not stop.is_set():
                 self._wakeup.clear()
-                for chat_id in await self.db.run(store.pending_chats, datetime.now(UTC)):
-                    # One instance serves a chat at a time: its pacing and its order hold.
-                    if chat_id not in self._workers and await self._lease(chat_id):
-                        self._workers[chat_id] = group.create_task(self._serve(chat_id, stop))
+                timeout = min(RECHECK, self.chat_retry)
+                try:
+                    for chat_id in await self.db.run(store.pending_chats, datetime.now(UTC)):
+                        if chat_id in self._workers:
+                            continue
+                        # One instance serves a chat at a time: its pacing and order hold.
+                        if await self._lease(chat_id):
+                            self._workers[chat_id] = group.create_task(self._serve(chat_id, stop))
+                        else:  # another instance serves it: look again when its lease may end
+                            timeout = min(timeout, self.leases.seconds / 3)
+                except (OperationalError, DatabaseError) as exc:
+                    logger.warning("delivery: database unusable (%s); retrying", exc)
+                    timeout = min(timeout, 2.0)
                 if not self._workers and not self._wakeup.is_set():
                     self.idle.set()
                 waiters = {asyncio.ensure_future(self._wakeup.wait())}
                 waiters.add(asyncio.ensure_future(stop.wait()))
                 try:
-                    await asyncio.wait(
-                        waiters,
-                        timeout=min(RECHECK, self.chat_retry),
-                        return_when="FIRST_COMPLETED",
-                    )
+                    await asyncio.wait(waiters, timeout=timeout, return_when="FIRST_COMPLETED")
                 finally:
                     for waiter in waiters:
                         waiter.cancel()

@@ -15,7 +15,7 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy.exc import OperationalError
 from telegram import Bot, InputFile, LinkPreviewOptions
@@ -31,6 +31,10 @@ from bridge.errors import BridgeError, ConfigError, DatabaseError
 from bridge.mail.compose import InvalidMail, OutgoingMail, forward_subject, parse_addresses
 from bridge.mail.summary import MAX_MESSAGE, format_size, split_text
 from bridge.telegram.keyboards import STATE_LINES, attachment_keyboard, summary_keyboard
+
+if TYPE_CHECKING:
+    from bridge.mail.auth import TokenSource
+    from bridge.oauth import AccessTokens
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +58,10 @@ class JobRunner:
         db: Database,
         bot: Bot,
         outbox: Outbox,
+        tokens: AccessTokens | None = None,
     ) -> None:
         self.accounts = {a.name: a for a in accounts}
+        self.tokens = tokens  # OAuth2 accounts' tokens, by account name
         self.upload_limit = telegram.upload_limit_mb * 1024 * 1024
         self.db, self.bot, self.outbox = db, bot, outbox
         self._wakeup = asyncio.Event()
@@ -133,25 +139,33 @@ class JobRunner:
         elif job.kind in ("att", "part"):
             await self._attachments(job, account, here, shown)
         elif job.kind in ("read", "unread"):
-            moved = await actions.set_seen(account.imap, here, job.kind == "read")
+            moved = await actions.set_seen(
+                account.imap, here, job.kind == "read", tokens=self.tokens_for(account)
+            )
             await self._relocated(shown, moved, shown.state)
             await self.db.run(store.set_seen, shown.posted_mail_id, job.kind == "read")
             await self._refresh(job, shown, seen=job.kind == "read", state=shown.state)
         elif job.kind in MOVES:
             role, state = MOVES[job.kind]
-            moved = await actions.move(account.imap, here, role)
+            moved = await actions.move(account.imap, here, role, tokens=self.tokens_for(account))
             await self._relocated(shown, moved, state)
             await self._refresh(job, shown, seen=shown.seen, state=state, note=moved.folder)
         elif job.kind == "undo":
             if not shown.state:
                 raise BridgeError("Nothing to undo: the mail is where it was.")
-            back = await actions.move_to(account.imap, here, shown.folder)
+            back = await actions.move_to(
+                account.imap, here, shown.folder, tokens=self.tokens_for(account)
+            )
             await self._relocated(shown, back, "")
             await self._refresh(job, shown, seen=shown.seen, state="")
         elif job.kind == "forward":
             await self._forward(job, account, here, shown)
         else:
             raise BridgeError(f"unknown job kind {job.kind!r}")
+
+    def tokens_for(self, account: AccountSettings) -> TokenSource | None:
+        """The account's OAuth2 tokens (None for a password login)."""
+        return self.tokens.source(account.name) if self.tokens is not None else None
 
     def account(self, name: str) -> AccountSettings:
         """The account a mail came to; gone from the configuration is a clear answer."""
@@ -213,7 +227,7 @@ class JobRunner:
     async def _full_text(
         self, job: store.JobRecord, account: AccountSettings, here: actions.MailLocation
     ) -> None:
-        text = await actions.full_text(account.imap, here)
+        text = await actions.full_text(account.imap, here, tokens=self.tokens_for(account))
         chunks = split_text(text.text) if text.text.strip() else []
         if not chunks:
             await self._say(job, "This mail has no text.")
@@ -233,7 +247,7 @@ class JobRunner:
         here: actions.MailLocation,
         shown: store.ShownMail,
     ) -> None:
-        parts = await actions.attachment_parts(account.imap, here)
+        parts = await actions.attachment_parts(account.imap, here, tokens=self.tokens_for(account))
         if not parts:
             await self._say(job, "This mail has no attachments.")
             return
@@ -260,7 +274,9 @@ class JobRunner:
         with tempfile.TemporaryDirectory(prefix="mailbridge-") as folder:
             path = Path(folder) / "part"
             with path.open("w+b") as handle:
-                await actions.save_part(account.imap, here, part, handle)
+                await actions.save_part(
+                    account.imap, here, part, handle, tokens=self.tokens_for(account)
+                )
                 handle.seek(0)
                 # read_file_handle=False: PTB streams the file instead of reading it whole.
                 document = InputFile(handle, filename=name, read_file_handle=False)
@@ -285,7 +301,7 @@ class JobRunner:
         except InvalidMail as exc:
             raise BridgeError(f"Not forwarded: {exc}") from None
         with tempfile.TemporaryFile() as handle:
-            await actions.save_raw(account.imap, here, handle)
+            await actions.save_raw(account.imap, here, handle, tokens=self.tokens_for(account))
             handle.seek(0)
             raw = handle.read()
         mail = OutgoingMail(

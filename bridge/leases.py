@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 from sqlalchemy.exc import OperationalError
 
+from bridge import metrics
 from bridge.db import store
 from bridge.db.engine import Database
 from bridge.errors import DatabaseError
-from bridge.retry import wait_or_stop
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Leases:
         self.held: dict[str, Held] = {}
         self.changes = 0  # leases taken over or lost, for metrics and tests
         self.settled = asyncio.Event()  # the first round is done (tests, benchmarks)
+        self._crashed: list[asyncio.Task[None]] = []  # work that raised: run() raises it
+        self._woken = asyncio.Event()
 
     def add(self, name: str, work: Work) -> None:
         """Run `work(stop, held)` whenever this instance holds lease `name`."""
@@ -85,7 +87,9 @@ class Leases:
                     # lose its lease anyway, and another instance may take over.
                     logger.error("leases: database unusable (%s); stopping leased work", exc)
                     await self._stop_all()
-                if await wait_or_stop(stop, self.seconds / 3):
+                await self._pause(stop)
+                self._raise_crash()
+                if stop.is_set():
                     break
         finally:
             await self._stop_all()
@@ -108,12 +112,14 @@ class Leases:
                 if name in self.held:
                     self.held.pop(name)
                     self.changes += 1
+                    metrics.LEASE_CHANGES.inc()
                     logger.warning("lost lease %s to another instance; stopping that work", name)
                 if running is not None:
                     await self._stop(name)
                 continue
             if name not in self.held:
                 self.changes += 1
+                metrics.LEASE_CHANGES.inc()
                 logger.info("took lease %s (token %d)", name, held.token)
             elif self.held[name].token != held.token and running is not None:
                 # Our lease had expired (a long pause): the work restarts under the new token.
@@ -123,7 +129,36 @@ class Leases:
             if running is None and not stop.is_set():
                 work_stop = asyncio.Event()
                 task = asyncio.create_task(work(work_stop, held), name=f"lease {name}")
+                task.add_done_callback(self._on_done)
                 self._running[name] = (task, work_stop)
+
+    async def _pause(self, stop: asyncio.Event) -> None:
+        """A third of the lease time, or less when stop is set or leased work raised."""
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._woken.wait())}
+        try:
+            await asyncio.wait(waits, timeout=self.seconds / 3, return_when="FIRST_COMPLETED")
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        """Note leased work that raised, and wake run() at once."""
+        if not task.cancelled() and task.exception() is not None:
+            self._crashed.append(task)
+            self._woken.set()
+
+    def _raise_crash(self) -> None:
+        """Leased work that raised ends run(), like a crash of any other task of the service
+        (app.run: one line, exit 1; a refused token: exit 2), not a restart every round."""
+        if not self._crashed:
+            return
+        for name, (task, _) in list(self._running.items()):
+            if task.done():  # nothing to stop; _stop() would log the crash a second time
+                self._running.pop(name)
+        crashed = self._crashed[0]
+        error = crashed.exception()
+        if error is not None:  # in a group, like a task group's: its traceback stays the work's
+            raise BaseExceptionGroup(f"{crashed.get_name()} failed", [error])
 
     async def _stop(self, name: str) -> None:
         task, work_stop = self._running.pop(name)

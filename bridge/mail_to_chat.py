@@ -42,7 +42,8 @@ class FolderStatus:
 
     account: str
     folder: str
-    state: str = "starting"
+    # standby: not watched here (another instance holds its lease, or not started yet)
+    state: str = "standby"
     mode: str = ""
     last_check: datetime | None = None
     last_uid: int = 0
@@ -142,6 +143,7 @@ class FolderWatcher:
         Under a lease (`held`), every write checks it: after a takeover nothing is written.
         """
         self.fence = held
+        self.status.state = "starting"
         backoff = Backoff()
         while not stop.is_set():
             session = ImapSession(self.account.imap, self.folder, self.executor, self.tokens)
@@ -159,7 +161,10 @@ class FolderWatcher:
                             return
                         await session.noop()
                     await self.check(session, stop)
-            except (Stopped, LeaseLost):
+            except Stopped:
+                break
+            except LeaseLost as exc:
+                logger.warning("%s: %s", self.name, exc)
                 break
             except (MailError, DatabaseError, OperationalError) as exc:
                 if stop.is_set():
@@ -169,7 +174,7 @@ class FolderWatcher:
                 await wait_or_stop(stop, backoff.next())
             finally:
                 await session.close()
-        self.status.state = "stopped"
+        self.status.state = "standby"
 
     def recovered(self) -> None:
         """The folder is reachable (again)."""
@@ -324,6 +329,7 @@ class FolderPoller:
         """Poll every POLL_INTERVAL until stop is set; reconnect with backoff."""
         for watcher in self.watchers:
             watcher.fence = held
+            watcher.status.state = "starting"
         backoff = Backoff()
         while not stop.is_set():
             first = self.watchers[0]
@@ -346,7 +352,7 @@ class FolderPoller:
             finally:
                 await session.close()
         for watcher in self.watchers:
-            watcher.status.state = "stopped"
+            watcher.status.state = "standby"
 
     async def _visit(
         self, session: ImapSession, watcher: FolderWatcher, stop: asyncio.Event

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,12 +58,26 @@ def make_engine(url: str) -> Engine:
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        _wal(cursor, timeout)
         cursor.close()
 
     return engine
+
+
+def _wal(cursor: Any, timeout: float) -> None:
+    """Switch to WAL once; it persists in the file. Switching needs an exclusive lock and
+    SQLite answers "locked" at once instead of waiting: several processes starting on a new
+    database retry until one has switched it."""
+    deadline = time.monotonic() + timeout
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # another process holds the lock for a moment
 
 
 class Database:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -37,6 +40,22 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+@contextlib.contextmanager
+def _sqlite_lock(engine: Engine) -> Iterator[None]:
+    """SQLite: instances started together on one file migrate one after the other (a lock
+    file beside the database; SQLite's own locks answer "locked" to the second at once)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with Path(f"{database}.migrate-lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade_to_head(engine: Engine) -> str:
     """Apply every migration; return the head revision.
 
@@ -45,7 +64,7 @@ def upgrade_to_head(engine: Engine) -> str:
     """
     config = alembic_config(engine)
     script = ScriptDirectory.from_config(config)
-    with engine.begin() as connection:
+    with _sqlite_lock(engine), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Instances started together: one migrates, the others wait here, then find head.
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})

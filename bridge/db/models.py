@@ -227,12 +227,13 @@ class ChatSend(Base):
 
 
 class ProcessedUpdate(Base):
-    """A Telegram update one instance handled (webhook mode: every instance takes updates)."""
+    """A Telegram update an instance took (webhook mode: every instance takes updates)."""
 
     __tablename__ = "processed_update"
 
     update_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)  # False: being handled
 
 
 class OAuthToken(Base):

@@ -25,6 +25,7 @@ from bridge.db.models import (
     OutboxItem,
     PostedMail,
     PostedSummary,
+    ProcessedUpdate,
     utcnow,
 )
 from bridge.errors import DatabaseError, LeaseLost
@@ -862,9 +863,8 @@ def mark_delivered_and_paced(
     mark_delivered(session, delivery_ids, chat_id, telegram_message_id)
     now = utcnow()
     session.add(ChatSend(chat_id=chat_id, sent_at=now))
-    session.execute(
-        delete(ChatSend).where(ChatSend.chat_id == chat_id, ChatSend.sent_at < now - PACING_KEPT)
-    )
+    old = delete(ChatSend).where(ChatSend.chat_id == chat_id, ChatSend.sent_at < now - PACING_KEPT)
+    session.execute(old.execution_options(synchronize_session=False))
 
 
 def recent_sends(session: Session, chat_id: int, since: datetime) -> list[datetime]:
@@ -958,3 +958,44 @@ def claim_oauth_told(session: Session, account: str) -> bool:
         .returning(OAuthToken.account_id)
     ).all()
     return bool(claimed)
+
+
+# --- Webhook mode: an update handled once, whichever instance it reached ---
+
+
+UPDATE_TAKEOVER = timedelta(minutes=2)  # an update taken this long ago and not done: a crash
+
+
+def claim_update(session: Session, update_id: int) -> str:
+    """Take an update for handling: "new" (handle it), "done" (handled already) or "busy"
+    (another instance handles it now). One taken long ago and never finished was left by a
+    crash: it is taken again."""
+    now = utcnow()
+    row = session.get(ProcessedUpdate, update_id, with_for_update=True)
+    if row is None:
+        try:
+            with session.begin_nested():
+                session.add(ProcessedUpdate(update_id=update_id, processed_at=now, done=False))
+        except IntegrityError:
+            return "busy"  # another instance took it this very moment
+        return "new"
+    if row.done:
+        return "done"
+    if _aware(row.processed_at) > now - UPDATE_TAKEOVER:
+        return "busy"
+    row.processed_at = now
+    return "new"
+
+
+def finish_update(session: Session, update_id: int, handled: bool) -> None:
+    """Handled: remember it (and forget those older than a day, Telegram keeps 24 h); not
+    handled (an error): let it be taken again."""
+    row = session.get(ProcessedUpdate, update_id)
+    if row is not None and not handled:
+        session.delete(row)
+    elif row is not None:
+        row.done = True
+    old = delete(ProcessedUpdate).where(
+        ProcessedUpdate.processed_at < utcnow() - timedelta(days=1)
+    )
+    session.execute(old.execution_options(synchronize_session=False))

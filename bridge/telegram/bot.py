@@ -44,7 +44,7 @@ class Command:
 def command_table() -> list[Command]:
     """Every command, in the order /help lists them."""
     from bridge import search
-    from bridge.telegram import buttons, send
+    from bridge.telegram import buttons, connect, send
 
     return [
         Command(
@@ -63,6 +63,12 @@ def command_table() -> list[Command]:
         Command("mutes", "/mutes", "the muted senders", buttons.mutes),
         Command("unmute", "/unmute ADDRESS", "post mail from that sender again", buttons.unmute),
         Command("status", "/status", "connection state, last check, counts", commands.status),
+        Command(
+            "connect",
+            "/connect ACCOUNT",
+            "sign an OAuth2 account in (private chat)",
+            connect.connect,
+        ),
         Command("help", "/help", "this list", commands.help_),
         Command("start", "/start", "your ids and whether you may use the bot", commands.start),
         Command("cancel", "/cancel", "stop the /send dialogue", send.cancel),
@@ -113,7 +119,7 @@ def build_application(
     telegram: TelegramSettings, bot: ExtBot[int], dependencies: Deps
 ) -> Application[Any, Any, Any, Any, Any, Any]:
     """The one place that builds the Application and adds handlers (order matters)."""
-    from bridge.telegram import buttons, replies, send
+    from bridge.telegram import buttons, connect, replies, send
     from bridge.telegram import open as open_mail
 
     table = command_table()
@@ -143,6 +149,7 @@ def build_application(
             application.add_handler(CommandHandler(command.name, command.callback))
     # 4. Replies to posted mail; then anything else that looks like a command.
     application.add_handler(CommandHandler("cancel", send.cancel))
+    application.add_handler(connect.paste_handler())  # the address a /connect sign-in ended at
     application.add_handler(replies.handler())
     application.add_handler(open_mail.handler())
     application.add_handler(buttons.handler())

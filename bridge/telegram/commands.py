@@ -86,6 +86,13 @@ async def status(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     lines += [_folder_line(f) for f in d.folders[:STATUS_FOLDERS]]
     if len(d.folders) > STATUS_FOLDERS:
         lines.append(f"+{len(d.folders) - STATUS_FOLDERS} more folders")
+    sign_ins = await d.tokens.describe()
+    if sign_ins:
+        lines.append("<b>OAuth2 sign-ins</b>")
+        lines += [
+            f"• {html.escape(name)}: {'' if ok else '⚠️ '}{html.escape(text)}"
+            for name, ok, text in sign_ins
+        ]
     problems = [(chat, s) for chat, s in d.delivery.chats.items() if s.problem]
     if problems:
         lines.append("<b>Chats Telegram refuses</b> (their mail waits and is retried)")

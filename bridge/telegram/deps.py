@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from bridge.delivery import ChatLocks, Delivery
     from bridge.jobs import JobRunner
     from bridge.mail_to_chat import FolderStatus
+    from bridge.oauth import AccessTokens
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Deps:
     chat_locks: ChatLocks
     outbox: Outbox
     jobs: JobRunner
+    tokens: AccessTokens  # the OAuth2 accounts' sign-ins (/connect, /status)
 
 
 def deps(context: ContextTypes.DEFAULT_TYPE) -> Deps:

@@ -47,6 +47,7 @@ def upgrade() -> None:
         "processed_update",
         sa.Column("update_id", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("done", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("update_id", name=op.f("pk_processed_update")),
     )
     op.create_table(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from bridge import app
 from bridge.config import (
@@ -21,8 +22,39 @@ from bridge.config import (
     SmtpSettings,
     TelegramSettings,
 )
+from tests.conftest import DATABASES
 
 OWNER = 4242  # the allowed user; also the notify chat (private chat id == user id)
+# The tests of these modules run on SQLite and again on PostgreSQL; the others on SQLite only
+# (the whole suite twice would take too long).
+ON_BOTH_DATABASES = {"test_mail_to_chat", "test_routes", "test_send"}
+# Tests there that prepare a SQLite file of their own.
+SQLITE_ONLY = {
+    "test_upgrade_from_an_env_only_database_loses_nothing",
+    "test_a_big_attachment_is_built_off_the_event_loop",
+}
+# This test's PostgreSQL database, for make_settings (None: SQLite in its tmp_path).
+_postgres_url: list[str | None] = [None]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test of ON_BOTH_DATABASES runs once per database (see database_url)."""
+    if (
+        Path(str(metafunc.module.__file__)).stem in ON_BOTH_DATABASES
+        and metafunc.function.__name__ not in SQLITE_ONLY
+        and "database_url" in metafunc.fixturenames
+        and metafunc.definition.get_closest_marker("databases") is None
+    ):
+        metafunc.parametrize("database_url", DATABASES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _database_for_make_settings(database_url: str) -> Iterator[None]:
+    """make_settings gives the bridge this test's database (tests call it directly too)."""
+    postgres = make_url(database_url).get_backend_name() != "sqlite"
+    _postgres_url[0] = database_url if postgres else None
+    yield
+    _postgres_url[0] = None
 
 
 def make_settings(
@@ -39,11 +71,15 @@ def make_settings(
     accounts: list[AccountSettings] | None = None,
     routes: list[dict[str, Any]] | None = None,
     folders: list[str] | None = None,
+    database_url: str | None = None,
 ) -> Settings:
     """Settings pointing at the test servers; nothing read from the environment or .env.
 
     Without `accounts`, one account `default` for `user` (as the environment variables make).
+    Without `database_url`: the test's PostgreSQL database when it runs on one, else SQLite
+    in tmp_path.
     """
+    database_url = database_url or _postgres_url[0] or f"sqlite:///{tmp_path}/bridge.db"
     # chat_interval 0: tests post many mails quickly; test_faults_telegram checks the pacing.
     tg = {
         "token": botapi.token,
@@ -77,7 +113,7 @@ def make_settings(
             )
         ]
     return Settings(
-        core=CoreSettings(database_url=f"sqlite:///{tmp_path}/bridge.db"),
+        core=CoreSettings(database_url=database_url),
         telegram=TelegramSettings(**tg),
         accounts=tuple(accounts),
         routes=tuple(RouteSettings.model_validate(r) for r in routes or []),

@@ -27,6 +27,7 @@ class Instance:
         async for raw in self.process.stderr:
             self.lines.append(raw.decode("utf-8", "replace").rstrip())
             self._changed.set()
+        self._changed.set()  # the end of stderr: waiters look at the exit
 
     async def wait_line(self, pattern: str, timeout: float = 20.0, start: int = 0) -> str:
         """The first stderr line from index `start` on matching `pattern` (bounded wait)."""
@@ -36,7 +37,7 @@ class Instance:
                 for line in self.lines[start:]:
                     if regex.search(line):
                         return line
-                if self.process.returncode is not None and self._reader and self._reader.done():
+                if self._reader is not None and self._reader.done():
                     raise AssertionError(f"exited before {pattern!r}:\n" + "\n".join(self.lines))
                 self._changed.clear()
                 await self._changed.wait()

@@ -4,11 +4,17 @@ sent once, one Telegram poller, and a dead instance's work taken over within the
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
+import httpx
+import pytest
+
+from tests.conftest import SECRETS
 from tests.integration.chat import answer_containing, mail, times_posted, wait_mails
-from tests.integration.conftest import OWNER
+from tests.integration.conftest import OWNER, running
 from tests.integration.processes import base_env, start
+from tests.servers.dovecot import free_port
 
 LEASE = 3  # BRIDGE_LEASE_SECONDS in these tests
 
@@ -43,6 +49,7 @@ def conflicts(botapi) -> int:
     return sum(1 for call in botapi.calls("getUpdates") if call.status == 409)
 
 
+@pytest.mark.databases("postgresql", "sqlite")
 async def test_two_instances_share_one_database_and_take_over(
     tmp_path, database_url, dovecot, mail_user, ca, botapi, smtpd
 ) -> None:
@@ -69,8 +76,11 @@ async def test_two_instances_share_one_database_and_take_over(
         first.kill()
         killed = time.monotonic()
         dovecot.append(mail_user.name, mail_user.password, mail("After the crash"))
-        await second.wait_line(r"took lease folder:default/INBOX", timeout=LEASE * 4)
-        await wait_mails(botapi, ["After the crash"], timeout=LEASE * 4)
+        try:
+            await second.wait_line(r"took lease folder:default/INBOX", timeout=LEASE * 4)
+            await wait_mails(botapi, ["After the crash"], timeout=LEASE * 4)
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}; the survivor logged:\n" + "\n".join(second.lines))
         took_over = time.monotonic() - killed
         botapi.send_user_message(OWNER, OWNER, "/send bob@example.org Later\nStill works.")
         await answer_containing(botapi, "Sent to bob@example.org", timeout=LEASE * 4)
@@ -87,6 +97,7 @@ async def test_two_instances_share_one_database_and_take_over(
     assert took_over < LEASE * 2 + 2, f"took {took_over:.1f} s to take over"
 
 
+@pytest.mark.databases("postgresql", "sqlite")
 async def test_instances_started_together_migrate_once(
     tmp_path, database_url, dovecot, mail_user, ca, botapi, smtpd
 ) -> None:
@@ -101,3 +112,48 @@ async def test_instances_started_together_migrate_once(
             instance.kill()
     assert statuses == [0, 0, 0]
     assert not any("Traceback" in line for i in instances for line in i.lines)
+
+
+async def test_webhook_mode_every_instance_takes_updates_each_handled_once(
+    tmp_path, settings_for, botapi
+) -> None:
+    secret = secrets.token_urlsafe(24)
+    SECRETS.add(secret)
+    ports = [free_port(), free_port()]
+    instances = [
+        settings_for(
+            telegram={
+                "webhook_url": "https://bridge.example.org/telegram",
+                "webhook_listen": f"127.0.0.1:{port}",
+                "webhook_secret": secret,
+            }
+        )
+        for port in ports
+    ]
+    # One after the other: two bridges in one process would share Alembic's module state.
+    async with running(instances[0]) as first:
+        await first.ready()
+        async with running(instances[1]) as second:
+            await second.ready()
+            assert botapi.webhook == {
+                "url": "https://bridge.example.org/telegram",
+                "secret_token": secret,
+            }
+            botapi.send_user_message(OWNER, OWNER, "/help")
+            (update,) = botapi.pop_updates()
+            async with httpx.AsyncClient(timeout=20) as client:
+
+                async def post(port: int, token: str) -> int:
+                    headers = {"X-Telegram-Bot-Api-Secret-Token": token}
+                    url = f"http://127.0.0.1:{port}/telegram"
+                    return (await client.post(url, json=update, headers=headers)).status_code
+
+                assert await post(ports[0], "wrong") == 403
+                # The load balancer (or Telegram, retrying) hands the same update to both: one
+                # handles it, the other says 200 (done) or 503 (busy: Telegram asks again).
+                both = await asyncio.gather(post(ports[0], secret), post(ports[1], secret))
+                assert sorted(both) in ([200, 200], [200, 503])
+                assert await post(ports[1], secret) == 200  # later again: still handled once
+    answers = [c for c in botapi.calls("sendMessage", ok_only=True) if "Commands" in str(c.params)]
+    assert len(answers) == 1
+    assert botapi.calls("getUpdates") == []

@@ -356,6 +356,8 @@ class FakeBotApi:
 
     # Fault injection
 
+    webhook: JSON | None = None  # the last setWebhook's url and secret_token
+
     def fail(
         self,
         method: str,
@@ -558,6 +560,13 @@ class FakeBotApi:
         self._state.updates.append(update)
         self._wake_pollers()
         return int(update["update_id"])
+
+    def pop_updates(self) -> list[JSON]:
+        """Take the queued updates out of the queue: a test delivers them to a webhook, as
+        Telegram does once setWebhook was called."""
+        updates = list(self._state.updates)
+        self._state.updates.clear()
+        return updates
 
     def send_user_message(
         self,
@@ -870,6 +879,14 @@ class FakeBotApi:
         if name == "deletewebhook":
             if params.get("drop_pending_updates"):
                 self._state.updates.clear()
+            self.webhook = None
+            return True
+        if name == "setwebhook":
+            # Bot API: the URL must be HTTPS; the secret token 1-256 of A-Z a-z 0-9 _ -.
+            url = str(params.get("url", ""))
+            if not url.startswith("https://"):
+                raise BotApiError(400, "Bad Request: bad webhook: HTTPS url must be provided")
+            self.webhook = {"url": url, "secret_token": params.get("secret_token")}
             return True
         if name == "getwebhookinfo":
             return {

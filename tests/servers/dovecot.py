@@ -64,7 +64,7 @@ first_valid_uid = 1
 first_valid_gid = 1
 login_trusted_networks = 127.0.0.0/8
 auth_failure_delay = 0
-auth_mechanisms = plain login
+auth_mechanisms = {auth_mechanisms}
 auth_verbose = yes
 mail_location = maildir:~/Maildir
 mail_fsync = never
@@ -76,8 +76,8 @@ namespace inbox {{
 {capability}passdb {{
   driver = passwd-file
   args = {users}/%u
-}}
-userdb {{
+{passwd_mechanisms}}}
+{oauth2}userdb {{
   driver = static
   args = uid={uid} gid={gid} home={home}/%u
 }}
@@ -123,7 +123,7 @@ first_valid_uid = 1
 first_valid_gid = 1
 login_trusted_networks = 127.0.0.0/8
 auth_failure_delay = 0
-auth_mechanisms = plain login
+auth_mechanisms = {auth_mechanisms}
 auth_verbose = yes
 mail_driver = maildir
 mail_path = ~/Maildir
@@ -136,7 +136,7 @@ namespace inbox {{
 {capability}passdb passwd-file {{
   passwd_file_path = {users}/%{{user}}
 }}
-userdb static {{
+{oauth2}userdb static {{
   fields {{
     uid = {uid}
     gid = {gid}
@@ -155,6 +155,38 @@ service imap-login {{
 }}
 service anvil {{
   chroot =
+}}
+"""
+
+
+# OAuth2 bearer logins (SASL XOAUTH2 / OAUTHBEARER) checked by POSTing the token to an
+# introspection URL (RFC 7662; Dovecot "Open Authentication v2.0 database"). In 2.3 the
+# oauth2 passdb takes those mechanisms and passwd-file keeps PLAIN and LOGIN.
+_OAUTH2_PASSDB_23 = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {oauth2_conf}
+}}
+"""
+_OAUTH2_CONF_23 = """\
+introspection_mode = post
+introspection_url = {url}
+force_introspection = yes
+username_attribute = username
+active_attribute = active
+active_value = true
+"""
+# 2.4: token mechanisms no longer go through a passdb; an `oauth2` block configures them
+# (doc.dovecot.org 2.4 "oauth2"). Written as documented; the test machines run 2.3.
+_OAUTH2_24 = """\
+oauth2 {{
+  introspection_mode = post
+  introspection_url = {url}
+  force_introspection = yes
+  username_attribute = username
+  active_attribute = active
+  active_value = true
 }}
 """
 
@@ -203,12 +235,16 @@ class DovecotServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         without_capabilities: Iterable[str] = (),
+        oauth2_introspection_url: str | None = None,
     ) -> None:
         """Prepare (but do not start) a server using `ca`'s localhost certificate.
 
         `without_capabilities` (e.g. ("MOVE",)) are left out of the CAPABILITY list announced
         after login (Dovecot's imap_capability), for testing clients against older servers.
+        `oauth2_introspection_url` also accepts bearer tokens (XOAUTH2, OAUTHBEARER), valid
+        when that URL answers {"active": true, "username": USER}; passwords work as before.
         """
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.ca = ca
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -286,6 +322,18 @@ class DovecotServer:
         cert = ssl_dir / "cert.pem"
         key = ssl_dir / "key.pem"
         template = _CONFIG_24 if self.config_format == "2.4" else _CONFIG_23
+        mechanisms, passwd_mechanisms, oauth2 = "plain login", "", ""
+        url = self.oauth2_introspection_url
+        if url is not None:
+            mechanisms = "plain login xoauth2 oauthbearer"
+            if self.config_format == "2.4":
+                oauth2 = _OAUTH2_24.format(url=url)
+            else:
+                conf = self.directory / "dovecot-oauth2.conf.ext"
+                conf.write_text(_OAUTH2_CONF_23.format(url=url))
+                conf.chmod(0o644)
+                passwd_mechanisms = "  mechanisms = plain login\n"
+                oauth2 = _OAUTH2_PASSDB_23.format(oauth2_conf=conf)
         self.config_file.write_text(
             template.format(
                 instance=f"mailbridge-test-{self.port}",
@@ -305,6 +353,9 @@ class DovecotServer:
                 port=self.port,
                 special_use=_SPECIAL_USE,
                 capability=self._capability_setting(),
+                auth_mechanisms=mechanisms,
+                passwd_mechanisms=passwd_mechanisms,
+                oauth2=oauth2,
             )
         )
 

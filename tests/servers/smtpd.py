@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email
+import json
 import logging
 import secrets
 import threading
@@ -14,8 +17,9 @@ from email.policy import default as default_policy
 from types import TracebackType
 from typing import Any, Literal
 
+import aiohttp
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.servers.certs import CA
 from tests.servers.dovecot import free_port
@@ -109,13 +113,64 @@ class _Recorder:
         if isinstance(data, str):
             data = data.encode()
         login = None
-        if isinstance(session.auth_data, LoginPassword):
+        if isinstance(session.auth_data, LoginPassword | BearerLogin):
             login = session.auth_data.login.decode()
         message = Received(str(envelope.mail_from), list(envelope.rcpt_tos), data, login)
         with self.condition:
             self.received.append(message)
             self.condition.notify_all()
         return "250 2.0.0 OK: queued"
+
+
+@dataclass(frozen=True)
+class BearerLogin:
+    """Who logged in with an OAuth2 bearer token (the token itself is not kept)."""
+
+    login: bytes
+
+
+@dataclass
+class _BearerRecorder(_Recorder):
+    """The recorder plus AUTH XOAUTH2, the bearer checked at the identity provider."""
+
+    introspection_url: str = ""
+    refused: int = 0
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """Google's XOAUTH2: base64 of "user=U^Aauth=Bearer T^A^A" (initial response or 334)."""
+        if len(args) > 1:
+            encoded: Any = args[1].encode()
+        else:
+            encoded = await server.challenge_auth("", encode_to_b64=False)
+            if encoded is MISSING:
+                return AuthResult(success=False, handled=True)
+        try:
+            fields = dict(
+                part.split("=", 1)
+                for part in base64.b64decode(encoded, validate=True).decode().split("\x01")
+                if "=" in part
+            )
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return AuthResult(success=False, handled=False)
+        user, auth = fields.get("user", ""), fields.get("auth", "")
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        if token and await self._active(user, token):
+            return AuthResult(success=True, auth_data=BearerLogin(user.encode()))
+        with self.condition:
+            self.refused += 1
+        # XOAUTH2: the failure comes as a 334 with a JSON status; the client answers with an
+        # empty line, then gets the 535.
+        status = json.dumps({"status": "401", "schemes": "Bearer", "scope": "mail"})
+        await server.challenge_auth(base64.b64encode(status.encode()), encode_to_b64=False)
+        return AuthResult(success=False, handled=False)
+
+    async def _active(self, user: str, token: str) -> bool:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.introspection_url, data={"token": token}) as answer,
+        ):
+            body = await answer.json()
+        return bool(body.get("active")) and body.get("username") == user
 
 
 class _ImplicitTlsSMTP(SMTP):
@@ -167,8 +222,13 @@ class SmtpServer:
         auth_require_tls: bool = True,
         host: str = "127.0.0.1",
         port: int | None = None,
+        xoauth2_introspection_url: str | None = None,
     ) -> None:
-        """Prepare (but do not start) the server; the port is fixed for stop()/start()."""
+        """Prepare (but do not start) the server; the port is fixed for stop()/start().
+
+        `xoauth2_introspection_url` also offers AUTH XOAUTH2, the bearer token checked there
+        (RFC 7662 introspection: active, and issued to the user who logs in).
+        """
         if tls not in ("ssl", "starttls"):
             raise ValueError(f"tls must be 'ssl' or 'starttls', not {tls!r}")
         self.ca = ca
@@ -180,7 +240,11 @@ class SmtpServer:
         self.auth_require_tls = auth_require_tls
         self.host = host
         self.port = port if port is not None else free_port(host)
-        self._recorder = _Recorder()
+        self._recorder = (
+            _Recorder()
+            if xoauth2_introspection_url is None
+            else _BearerRecorder(introspection_url=xoauth2_introspection_url)
+        )
         self._consumed = 0
         self._controller: _Controller | None = None
         logging.getLogger("mail.log").addFilter(_LOGIN_DATA_FILTER)  # idempotent
@@ -270,6 +334,12 @@ class SmtpServer:
             raise ValueError(f"command must be MAIL, RCPT or DATA, not {command!r}")
         with self._recorder.condition:
             self._recorder.faults.append(_Fault(command, f"{code} {message}", count))
+
+    @property
+    def refused_bearers(self) -> int:
+        """How many AUTH XOAUTH2 logins were refused."""
+        with self._recorder.condition:
+            return getattr(self._recorder, "refused", 0)
 
     @property
     def received(self) -> list[Received]:
