@@ -80,7 +80,8 @@ async def test_two_instances_share_one_database_and_take_over(
             await second.wait_line(r"took lease folder:default/INBOX", timeout=LEASE * 4)
             await wait_mails(botapi, ["After the crash"], timeout=LEASE * 4)
         except (AssertionError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}; the survivor logged:\n" + "\n".join(second.lines))
+            survivor = "\n".join(second.lines)
+            raise AssertionError(f"{exc}; the survivor logged:\n{survivor}") from None
         took_over = time.monotonic() - killed
         botapi.send_user_message(OWNER, OWNER, "/send bob@example.org Later\nStill works.")
         await answer_containing(botapi, "Sent to bob@example.org", timeout=LEASE * 4)
