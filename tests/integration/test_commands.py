@@ -16,7 +16,18 @@ from tests.integration.conftest import OWNER, running
 
 STRANGER = 777_001
 GROUP = -100_555
-COMMANDS = ["send", "search", "inbox", "mutes", "unmute", "status", "help", "start", "cancel"]
+COMMANDS = [
+    "send",
+    "search",
+    "inbox",
+    "mutes",
+    "unmute",
+    "status",
+    "connect",
+    "help",
+    "start",
+    "cancel",
+]
 
 
 def dated(n: int) -> str:
