@@ -172,7 +172,7 @@ async def serve(
     notify = _notify_chats(bot, settings.telegram.notify_chats)
     tokens = AccessTokens(settings.accounts, settings.core.secret_keys, db, notify)
     outbox = Outbox(settings.accounts, settings.telegram, db, bot, tokens=tokens)
-    jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox, tokens=tokens)
+    jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox, locks, tokens=tokens)
     connections = sum(min(len(a.folders), a.imap.max_connections) for a in settings.accounts)
     executor = ThreadPoolExecutor(max_workers=connections + 4, thread_name_prefix="imap")
     watchers, pollers = build_watchers(settings, db, delivery, executor, tokens)
@@ -268,8 +268,11 @@ async def _all_checked(
         await asyncio.wait([everyone, stopper], return_when="FIRST_COMPLETED")
     finally:
         stopper.cancel()
+        everyone.cancel()
         for wait in waits:
             wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await everyone
     if not stop.is_set():
         ready.set()
 

@@ -27,6 +27,7 @@ from bridge.chat_to_mail import Outbox
 from bridge.config import AccountSettings, TelegramSettings
 from bridge.db import store
 from bridge.db.engine import Database
+from bridge.delivery import ChatLocks
 from bridge.errors import BridgeError, ConfigError, DatabaseError
 from bridge.mail.compose import InvalidMail, OutgoingMail, forward_subject, parse_addresses
 from bridge.mail.summary import MAX_MESSAGE, format_size, split_text
@@ -58,9 +59,11 @@ class JobRunner:
         db: Database,
         bot: Bot,
         outbox: Outbox,
+        locks: ChatLocks,
         tokens: AccessTokens | None = None,
     ) -> None:
         self.accounts = {a.name: a for a in accounts}
+        self.locks = locks  # held while a message with buttons is sent and recorded
         self.tokens = tokens  # OAuth2 accounts' tokens, by account name
         self.upload_limit = telegram.upload_limit_mb * 1024 * 1024
         self.db, self.bot, self.outbox = db, bot, outbox

@@ -116,17 +116,21 @@ async def run_search(runner: JobRunner, job: store.JobRecord) -> None:
         for n, (mail_id, (_, _, m)) in enumerate(zip(ids, mails, strict=True), 1)
         if mail_id is not None
     ]
-    sent = await runner.bot.send_message(
-        job.chat_id,
-        text,
-        parse_mode=ParseMode.HTML,
-        reply_to_message_id=job.message_id,
-        message_thread_id=job.thread_id,
-        allow_sending_without_reply=True,
-        reply_markup=open_keyboard(buttons) if buttons else None,
-    )
-    for mail_id, _label in buttons:
-        await runner.db.run(store.record_summary, mail_id, job.chat_id, sent.message_id, "list")
+    # Held from send to record: a press on a result button waits for its rows (open.py).
+    async with runner.locks[job.chat_id]:
+        sent = await runner.bot.send_message(
+            job.chat_id,
+            text,
+            parse_mode=ParseMode.HTML,
+            reply_to_message_id=job.message_id,
+            message_thread_id=job.thread_id,
+            allow_sending_without_reply=True,
+            reply_markup=open_keyboard(buttons) if buttons else None,
+        )
+        for mail_id, _label in buttons:
+            await runner.db.run(
+                store.record_summary, mail_id, job.chat_id, sent.message_id, "list"
+            )
 
 
 async def _remember(

@@ -178,6 +178,7 @@ class ImapSession:
         self.executor = executor
         self._client: IMAPClient | None = None
         self._idling = False
+        self._changed = False  # the server reported a change outside IDLE
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -271,6 +272,11 @@ class ImapSession:
     def _uids_after(self, uid: int) -> list[int]:
         # "n:*" always matches the highest UID even when it is below n (RFC 3501 §6.4.8).
         found = self.client.search(["UID", f"{uid + 1}:*"])
+        # Mail that arrived while the SEARCH ran is reported in its untagged responses (kept
+        # by imaplib, reported by no later command): look again before going idle.
+        pending = self.client._imap.untagged_responses
+        if pending.pop("EXISTS", None) or pending.pop("RECENT", None):
+            self._changed = True
         return sorted(u for u in found if u > uid)
 
     async def uids_after(self, uid: int) -> list[int]:
@@ -306,6 +312,9 @@ class ImapSession:
 
     def _idle_slice(self, deadline: float) -> bool:
         client = self.client
+        if self._changed:
+            self._changed = False
+            return True
         if not self._idling:
             # Mail that arrived after our last SEARCH is reported here, not by the IDLE below
             # (Dovecot only pushes changes that happen while idling).

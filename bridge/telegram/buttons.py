@@ -47,7 +47,8 @@ async def press(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await query.answer(NOT_VALID)
         return
     d = deps(context)
-    shown = await d.db.run(store.find_in_chat, chat.id, parsed.mail_id)
+    async with d.chat_locks[chat.id]:  # the pressed message may still be being recorded
+        shown = await d.db.run(store.find_in_chat, chat.id, parsed.mail_id)
     if shown is None:
         await query.answer(GONE)
         return

@@ -47,7 +47,9 @@ async def open_mail(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         return
     d = deps(context)
     # The row must belong to the chat the press came from: ids from elsewhere show nothing.
-    shown = await d.db.run(store.find_in_chat, chat.id, int(match.group(1)))
+    # Under the chat's lock: the message pressed may still be being recorded.
+    async with d.chat_locks[chat.id]:
+        shown = await d.db.run(store.find_in_chat, chat.id, int(match.group(1)))
     if shown is None:
         await query.answer(GONE)
         return
