@@ -54,11 +54,6 @@ class UnknownAccount(BridgeError):
         self.name = name
 
 
-def _aware(moment: datetime) -> datetime:
-    """A time read back from the database as aware UTC (SQLite returns naive UTC)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 class Outbox:
     """Outgoing mail: written to the database first, sent by work(), reported to the chat."""
 
@@ -186,7 +181,7 @@ class Outbox:
         next_due = await self.db.run(store.next_outbox_due)
         if next_due is None:
             return IDLE_CHECK
-        wait = (_aware(next_due) - datetime.now(UTC)).total_seconds()
+        wait = (next_due - datetime.now(UTC)).total_seconds()  # the store gives aware UTC
         return min(max(0.0, wait), IDLE_CHECK)
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
@@ -240,7 +235,7 @@ class Outbox:
                 logger.warning("could not save a copy in the Sent folder: %s", exc)
 
     async def _retry_or_fail(self, item: store.OutgoingRecord, error: str) -> None:
-        if datetime.now(UTC) - _aware(item.created_at) > GIVE_UP_AFTER:
+        if datetime.now(UTC) - item.created_at > GIVE_UP_AFTER:
             await self.db.run(store.mark_outbox, item.id, "failed", error=error)
             metrics.OUTBOX_FAILED.labels(account=item.account or self._first.name).inc()
             await self._tell(item, f"❌ Not sent after {item.attempts + 1} attempts: {error}")

@@ -180,9 +180,21 @@ class Delivery:
                         waiter.cancel()
 
     async def _lease(self, chat_id: int) -> bool:
-        """Take (or renew) this chat's lease; with it, what other instances sent lately."""
-        if await self.leases.take(f"chat:{chat_id}") is None:
-            return False
+        """Take (or renew) this chat's lease; with it, what other instances sent lately.
+
+        A lease renewed within the last third of its time is not renewed again, and one that
+        still runs is kept when the database is locked for a moment: sending goes on.
+        """
+        name = f"chat:{chat_id}"
+        if self.leases.valid(name, margin=self.leases.seconds * 2 / 3):
+            return True
+        try:
+            if await self.leases.take(name) is None:
+                return False
+        except (OperationalError, DatabaseError):
+            if self.leases.valid(name):
+                return True
+            raise
         since = datetime.now(UTC) - timedelta(seconds=GROUP_WINDOW)
         sent = await self.db.run(store.recent_sends, chat_id, since)
         self.pacer.load(chat_id, [when.timestamp() for when in sent])

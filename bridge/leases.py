@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -55,6 +56,7 @@ class Leases:
         self._work: dict[str, Work] = {}
         self._running: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self.held: dict[str, Held] = {}
+        self.valid_until: dict[str, float] = {}  # monotonic time each held lease ends
         self.changes = 0  # leases taken over or lost, for metrics and tests
         self.settled = asyncio.Event()  # the first round is done (tests, benchmarks)
         self._crashed: list[asyncio.Task[None]] = []  # work that raised: run() raises it
@@ -67,9 +69,12 @@ class Leases:
     async def take(self, name: str) -> Held | None:
         """Take or renew one lease now; None when another instance holds it."""
         until = datetime.now(UTC) + timedelta(seconds=self.seconds)
+        started = time.monotonic()
         token = await self.db.run(store.take_lease, name, self.holder, until)
         if token is None:
+            self.valid_until.pop(name, None)
             return None
+        self.valid_until[name] = started + self.seconds
         held = Held(name, self.holder, token)
         if name not in self._work:
             self.held[name] = held  # released with the rest at a clean stop
@@ -83,10 +88,11 @@ class Leases:
                     await self._round(stop)
                     self.settled.set()
                 except (OperationalError, DatabaseError) as exc:
-                    # Without the database no lease can be renewed: stop the work, it would
-                    # lose its lease anyway, and another instance may take over.
-                    logger.error("leases: database unusable (%s); stopping leased work", exc)
-                    await self._stop_all()
+                    # Without the database no lease can be renewed. Work whose lease runs out
+                    # stops (another instance may take over); the rest goes on, so a database
+                    # locked for a moment stops nothing.
+                    logger.warning("leases: database unusable (%s); retrying", exc)
+                    await self._stop_expiring()
                 await self._pause(stop)
                 self._raise_crash()
                 if stop.is_set():
@@ -169,6 +175,17 @@ class Leases:
             logger.warning("work under lease %s did not stop in time", name)
         except Exception:
             logger.exception("work under lease %s failed", name)
+
+    def valid(self, name: str, margin: float = 1.0) -> bool:
+        """True while our lease `name` is sure to last another `margin` seconds."""
+        return time.monotonic() + margin < self.valid_until.get(name, 0.0)
+
+    async def _stop_expiring(self) -> None:
+        for name in list(self._running):
+            if not self.valid(name, margin=self.seconds / 3 + 1):
+                logger.error("lease %s could not be renewed in time; stopping that work", name)
+                self.held.pop(name, None)
+                await self._stop(name)
 
     async def _stop_all(self) -> None:
         for name in list(self._running):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, String, cast, delete, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,11 +35,11 @@ from bridge.db.models import (
 )
 from bridge.errors import DatabaseError, LeaseLost
 
-# A claimed outbox item or job is due again after this, when its instance died meanwhile (a
-# send is bounded by the SMTP timeouts; a job may upload for up to 10 minutes).
+# A claimed outbox item or job is taken over after this when its process died on another host
+# (a send is bounded by the SMTP timeouts; a job may upload for up to 10 minutes).
 OUTBOX_CLAIM = timedelta(seconds=60)
 JOB_CLAIM = timedelta(minutes=15)
-_SENDABLE = ("pending", "sending")  # "sending" once its claim expired
+_SENDABLE = ("pending", "sending")  # "sending" once its claim can be taken over
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -230,10 +235,8 @@ def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
     )
 
 
-SHOWING = ("summary", "list")
-PACING_KEPT = timedelta(
-    minutes=2
-)  # chat_send rows older than the pacing window go  # what find_by_summary resolves a reply to
+SHOWING = ("summary", "list")  # what find_by_summary resolves a reply to
+PACING_KEPT = timedelta(minutes=2)  # chat_send rows older than the pacing window go
 
 _SHOWN = (
     select(PostedMail, Account.name, Mailbox.name)
@@ -269,7 +272,12 @@ def due_deliveries(
     )
     return [
         PendingDelivery(
-            d.id, d.chat_id, d.topic, d.attempts, _shown(mail, account, folder), d.created_at
+            d.id,
+            d.chat_id,
+            d.topic,
+            d.attempts,
+            _shown(mail, account, folder),
+            as_utc(d.created_at),
         )
         for mail, account, folder, d in rows
     ]
@@ -520,6 +528,127 @@ def set_summary(session: Session, posted_mail_id: int, summary: str, attachments
     mail.summary, mail.attachments = summary, attachments
 
 
+# --- Claims: which process sends an outbox item or runs a job ---
+#
+# A claim is a lease row named "outbox:<id>" or "job:<id>" held by this process (CLAIMER) until a
+# deadline that the claimed row repeats (outbox_item.next_attempt_at, job.finished_at), so that
+# idle waits know when it ends. Another process takes the work over once the deadline passed, or
+# at once when the claimer ran on this host and is gone: a restart after a crash does what the
+# crash interrupted without waiting for the deadline.
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (a container has its own): pids compare only within one."""
+    try:
+        return Path("/proc/self/ns/pid").stat().st_ino
+    except OSError:
+        return 0
+
+
+_HOST = f"{socket.gethostname()[:50]}:{_pid_namespace()}"
+CLAIMER = f"{_HOST}-{os.getpid()}-{secrets.token_hex(3)}"  # this process, in claim rows
+
+
+def claimer_gone(holder: str | None) -> bool:
+    """True when the process behind a claim is known to be gone: no claim row, or one made on
+    this host (same pid namespace) by a pid that runs no more. Elsewhere the deadline decides."""
+    if holder is None:
+        return True
+    if holder == CLAIMER or not holder.startswith(f"{_HOST}-"):
+        return False
+    pid = holder.removeprefix(f"{_HOST}-").split("-", 1)[0]
+    if not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists, under another user
+    return False
+
+
+def _takeable(
+    session: Session,
+    model: type[OutboxItem] | type[Job],
+    deadline: Any,
+    free: ColumnElement[bool],
+    active: str,
+    limit: int | None,
+) -> list[Row[Any]]:
+    """Rows (id, status, deadline, holder) that may be claimed now, oldest first: `free` ones, and
+    `active` ones claimed on this host by a process that is gone.
+
+    Rows another process is claiming at this moment are skipped (FOR UPDATE SKIP LOCKED on
+    PostgreSQL)."""
+    kind = model.__tablename__.split("_")[0]  # outbox_item: outbox, job: job
+    claim = Lease.name == literal(f"{kind}:") + cast(model.id, String)
+    query = (
+        select(model.id, model.status, deadline.label("deadline"), Lease.holder)
+        .outerjoin(Lease, claim)
+        .order_by(model.id)
+        .with_for_update(skip_locked=True, of=model)
+    )
+    rows = {row.id: row for row in session.execute(query.where(free).limit(limit))}
+    local = query.where(
+        model.status == active,
+        Lease.holder.startswith(f"{_HOST}-", autoescape=True),
+        Lease.holder != CLAIMER,
+    )
+    for row in session.execute(local):
+        if claimer_gone(row.holder):
+            rows.setdefault(row.id, row)
+    return sorted(rows.values(), key=lambda row: int(row.id))[:limit]
+
+
+def _claim(
+    session: Session,
+    model: type[OutboxItem] | type[Job],
+    deadline: Any,
+    free: ColumnElement[bool],
+    active: str,
+    until: datetime,
+    limit: int,
+) -> list[int]:
+    """Claim up to limit rows for this process until a deadline; their ids, oldest first.
+
+    Each claim is an UPDATE conditional on the row as it was read, so two processes never claim
+    one row, on PostgreSQL or SQLite."""
+    claimed = []
+    for row in _takeable(session, model, deadline, free, active, limit):
+        taken = session.execute(
+            update(model)
+            .where(model.id == row.id, model.status == row.status, deadline == row.deadline)
+            .values({model.status: active, deadline: until})
+            .returning(model.id)
+            .execution_options(synchronize_session=False)
+        ).scalar()
+        if taken is not None:
+            claimed.append(taken)
+    if claimed:
+        kind = model.__tablename__.split("_")[0]
+        rows = [
+            {"name": f"{kind}:{i}", "holder": CLAIMER, "token": 1, "expires_at": until}
+            for i in claimed
+        ]
+        insert = _insert(session, Lease).values(rows)
+        session.execute(
+            insert.on_conflict_do_update(
+                index_elements=["name"],
+                set_={"holder": insert.excluded.holder, "expires_at": insert.excluded.expires_at},
+            )
+        )
+    return claimed
+
+
+def _release(session: Session, kind: str, ids: Sequence[int]) -> None:
+    """The work is done (or given back): its claim rows go."""
+    names = [f"{kind}:{i}" for i in ids]
+    session.execute(
+        delete(Lease).where(Lease.name.in_(names)).execution_options(synchronize_session=False)
+    )
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """Work a press or a command asked for."""
@@ -565,39 +694,21 @@ def add_job(
     )
 
 
-def _job_claimable(now: datetime) -> ColumnElement[bool]:
-    """Pending, or running under a claim that expired (its instance died)."""
-    expired = or_(Job.finished_at.is_(None), Job.finished_at <= now)
-    return or_(Job.status == "pending", (Job.status == "running") & expired)
+def _job_expired(now: datetime) -> ColumnElement[bool]:
+    """Running under a claim whose deadline passed (or from before claims had one)."""
+    return (Job.status == "running") & or_(Job.finished_at.is_(None), Job.finished_at <= now)
 
 
 def claim_jobs(
     session: Session, limit: int, *, now: datetime | None = None, claim_for: timedelta = JOB_CLAIM
 ) -> list[JobRecord]:
-    """Claim up to limit jobs, oldest first, for this instance: marked running until a deadline
-    (kept in finished_at while it runs), after which another instance may take them over.
-
-    Rows another instance is claiming are skipped (FOR UPDATE SKIP LOCKED on PostgreSQL), and
-    the claim is a conditional UPDATE, so two instances never claim one job.
-    """
+    """Claim up to limit jobs, oldest first, for this process: running until now + claim_for
+    (kept in finished_at while it runs); finish_job ends the claim. A job whose process died is
+    taken over (see Claims above)."""
     now = now or utcnow()
-    rows = session.scalars(
-        select(Job)
-        .where(_job_claimable(now))
-        .order_by(Job.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    claimed = set(
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_([row.id for row in rows]), _job_claimable(now))
-            .values(status="running", finished_at=now + claim_for)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
-    rows = [row for row in rows if row.id in claimed]
+    free = or_(Job.status == "pending", _job_expired(now))
+    claimed = _claim(session, Job, Job.finished_at, free, "running", now + claim_for, limit)
+    rows = session.scalars(select(Job).where(Job.id.in_(claimed)).order_by(Job.id))
     return [
         JobRecord(
             r.id,
@@ -618,21 +729,22 @@ def finish_job(session: Session, job_id: int, status: str, error: str = "") -> N
     """done or failed (with the one line the chat was told)."""
     job = session.get_one(Job, job_id)
     job.status, job.error, job.finished_at = status, error[:500], utcnow()
+    _release(session, "job", [job_id])
 
 
 def requeue_running_jobs(session: Session) -> int:
-    """At start: running jobs whose claim expired (a crash interrupted them) are pending again.
-
-    Jobs another live instance runs keep their claim.
-    """
-    requeued = session.scalars(
+    """At start: running jobs a crash interrupted (their process is gone, or their claim
+    expired) are pending again. Jobs another live instance runs keep their claim."""
+    rows = _takeable(session, Job, Job.finished_at, _job_expired(utcnow()), "running", None)
+    ids = [row.id for row in rows]
+    session.execute(
         update(Job)
-        .where(Job.status == "running", _job_claimable(utcnow()))
+        .where(Job.id.in_(ids))
         .values(status="pending", finished_at=None)
-        .returning(Job.id)
         .execution_options(synchronize_session=False)
-    ).all()
-    return len(requeued)
+    )
+    _release(session, "job", ids)
+    return len(ids)
 
 
 def list_mutes(session: Session) -> list[str]:
@@ -697,30 +809,17 @@ def add_outbox(
 def due_outbox(
     session: Session, now: datetime, limit: int = 1, claim_for: timedelta = OUTBOX_CLAIM
 ) -> list[OutgoingRecord]:
-    """Claim due items, oldest first, for this instance to send: status "sending" until
-    now + claim_for (in next_attempt_at), after which another instance may take an item over.
-
-    mark_outbox ends the claim. Rows another instance is claiming are skipped (FOR UPDATE SKIP
-    LOCKED on PostgreSQL), and the claim is a conditional UPDATE, so two instances never send
-    one item.
-    """
-    due = (OutboxItem.status.in_(_SENDABLE), OutboxItem.next_attempt_at <= now)
+    """Claim due items, oldest first, for this process to send: "sending" until now + claim_for
+    (kept in next_attempt_at); mark_outbox ends the claim. An item whose process died is taken
+    over (see Claims above), so two instances never send one item."""
+    due = OutboxItem.status.in_(_SENDABLE) & (OutboxItem.next_attempt_at <= now)
+    until = now + claim_for
+    claimed = _claim(session, OutboxItem, OutboxItem.next_attempt_at, due, "sending", until, limit)
     rows = session.execute(
         select(OutboxItem, Account.name)
         .outerjoin(Account, OutboxItem.account_id == Account.id)
-        .where(*due)
+        .where(OutboxItem.id.in_(claimed))
         .order_by(OutboxItem.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=OutboxItem)
-    ).all()
-    claimed = set(
-        session.scalars(
-            update(OutboxItem)
-            .where(OutboxItem.id.in_([r.id for r, _account in rows]), *due)
-            .values(status="sending", next_attempt_at=now + claim_for)
-            .returning(OutboxItem.id)
-            .execution_options(synchronize_session=False)
-        )
     )
     return [
         OutgoingRecord(
@@ -735,7 +834,6 @@ def due_outbox(
             as_utc(r.created_at),
         )
         for r, account in rows
-        if r.id in claimed
     ]
 
 
@@ -765,6 +863,7 @@ def mark_outbox(
         item.raw = b""  # the mail is gone; keep the row, not the attachments
     if next_attempt_at is not None:
         item.next_attempt_at = next_attempt_at
+    _release(session, "outbox", [item_id])
 
 
 def count_sent_by_user(session: Session, user_id: int, since: datetime) -> int:
@@ -788,11 +887,6 @@ def outbox_counts(session: Session) -> dict[str, int]:
 # --- Leases: who does what when several instances share the database (bridge/leases.py) ---
 
 
-def _aware(value: datetime) -> datetime:
-    """SQLite gives back naive UTC datetimes; PostgreSQL aware ones."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 def take_lease(session: Session, name: str, holder: str, until: datetime) -> int | None:
     """Take a free or expired lease, or renew our own; its fencing token, or None when another
     instance holds it. A lease that expired gets a new token, even for its last holder."""
@@ -805,7 +899,7 @@ def take_lease(session: Session, name: str, holder: str, until: datetime) -> int
         except IntegrityError:
             return None  # another instance took it this very moment
         return 1
-    if _aware(row.expires_at) <= now:
+    if as_utc(row.expires_at) <= now:
         row.holder, row.token, row.expires_at = holder, row.token + 1, until
         return row.token
     if row.holder == holder:
@@ -821,7 +915,7 @@ def holds_lease(session: Session, name: str, holder: str, token: int) -> bool:
         row is not None
         and row.holder == holder
         and row.token == token
-        and _aware(row.expires_at) > utcnow()
+        and as_utc(row.expires_at) > utcnow()
     )
 
 
@@ -838,7 +932,7 @@ def lease_holders(session: Session) -> dict[str, str]:
     return {
         row.name: row.holder
         for row in session.scalars(select(Lease))
-        if _aware(row.expires_at) > now
+        if as_utc(row.expires_at) > now
     }
 
 
@@ -874,7 +968,7 @@ def recent_sends(session: Session, chat_id: int, since: datetime) -> list[dateti
         .where(ChatSend.chat_id == chat_id, ChatSend.sent_at >= since)
         .order_by(ChatSend.sent_at)
     )
-    return [_aware(when) for when in rows]
+    return [as_utc(when) for when in rows]
 
 
 # --- OAuth2 tokens (bridge/oauth.py): both tokens arrive and leave Fernet-encrypted ---
@@ -904,11 +998,11 @@ def get_oauth_tokens(session: Session, account: str) -> StoredTokens | None:
     return StoredTokens(
         access_token=row.access_token,
         refresh_token=row.refresh_token,
-        expires_at=_aware(row.expires_at) if row.expires_at is not None else None,
+        expires_at=as_utc(row.expires_at) if row.expires_at is not None else None,
         scope=row.scope,
         revoked=row.revoked,
         told=row.told,
-        updated_at=_aware(row.updated_at),
+        updated_at=as_utc(row.updated_at),
     )
 
 
@@ -981,7 +1075,7 @@ def claim_update(session: Session, update_id: int) -> str:
         return "new"
     if row.done:
         return "done"
-    if _aware(row.processed_at) > now - UPDATE_TAKEOVER:
+    if as_utc(row.processed_at) > now - UPDATE_TAKEOVER:
         return "busy"
     row.processed_at = now
     return "new"

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -263,6 +265,49 @@ def test_a_job_is_claimed_once_until_its_claim_expires(db: Database) -> None:
     # The instance running `first` died: after the claim's deadline another one takes it.
     expired = datetime.now(UTC) + store.JOB_CLAIM + timedelta(seconds=1)
     assert [j.id for j in db.call(store.claim_jobs, 1, now=expired)] == [first]
+
+
+# Another process on this host claims the oldest outbox item and job, prints their ids, then
+# waits for a line on stdin (alive) and ends without finishing them (a crash).
+_CLAIMER = """
+import sys
+from datetime import UTC, datetime, timedelta
+from bridge.db import store
+from bridge.db.engine import Database, make_engine
+
+db = Database(make_engine(sys.argv[1]))
+items = db.call(store.due_outbox, datetime.now(UTC) + timedelta(seconds=1))
+jobs = db.call(store.claim_jobs, 1)
+print(items[0].id, jobs[0].id, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_work_claimed_by_a_process_that_died_here_is_taken_over_at_once(
+    db: Database, database_url: str
+) -> None:
+    """A restart after a crash sends what the crash interrupted without waiting for the claim's
+    deadline; while the claimer lives, its claim holds."""
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    item = db.call(store.add_outbox, **_outgoing())
+    job = db.call(store.add_job, update_id=1, kind="full", chat_id=7)
+    other = subprocess.Popen(
+        [sys.executable, "-c", _CLAIMER, database_url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().split() == [str(item), str(job)]
+        assert db.call(store.due_outbox, now) == []  # alive: its claims hold
+        assert db.call(store.claim_jobs, 1) == []
+        assert db.call(store.requeue_running_jobs) == 0
+    finally:
+        other.communicate("", timeout=30)  # it ends without finishing its work
+    assert [i.id for i in db.call(store.due_outbox, now)] == [item]
+    assert db.call(store.requeue_running_jobs) == 1
+    assert [j.id for j in db.call(store.claim_jobs, 1)] == [job]
 
 
 @pytest.mark.databases("postgresql")
