@@ -20,7 +20,7 @@ from bridge.chat_to_mail import Outbox
 from bridge.config import AccountSettings, Settings
 from bridge.db import store
 from bridge.db.engine import Database, make_engine
-from bridge.db.migrate import upgrade_to_head
+from bridge.db.migrate import migrated
 from bridge.delivery import ChatLocks, Delivery
 from bridge.errors import BridgeError, TokenRefused
 from bridge.jobs import JobRunner
@@ -60,7 +60,10 @@ async def run(
     unmask = mask_secrets(settings.secrets())
     engine = make_engine(settings.core.database_url)
     try:
-        await asyncio.to_thread(upgrade_to_head, engine)
+        if not await asyncio.to_thread(migrated, engine):
+            from bridge.db.migrate import upgrade_to_head  # loads Alembic: only when needed
+
+            await asyncio.to_thread(upgrade_to_head, engine)
         if not settings.telegram.allowed_user_ids:
             logger.warning("BRIDGE_TELEGRAM__ALLOWED_USER_IDS is empty: the bot serves nobody")
         await serve(settings, Database(engine), stop, ready)
