@@ -179,19 +179,7 @@ def record_mails(
             continue  # muted: seen, posted nowhere
         mail_id = session.scalar(
             _insert(session, PostedMail)
-            .values(
-                mailbox_id=mailbox_id,
-                uidvalidity=uidvalidity,
-                uid=record.uid,
-                message_id=record.message_id,
-                subject=record.subject,
-                sender=record.sender,
-                sender_name=record.sender_name,
-                reply_to=record.reply_to,
-                references=" ".join(record.references),
-                summary=record.summary,
-                attachments=record.attachments,
-            )
+            .values(_mail_row(mailbox_id, uidvalidity, record))
             .on_conflict_do_nothing(index_elements=["mailbox_id", "uidvalidity", "uid"])
             .returning(PostedMail.id)
         )
@@ -208,6 +196,23 @@ def record_mails(
             .on_conflict_do_nothing(index_elements=["posted_mail_id", "chat_id"])
         )
     advance(session, mailbox_id, up_to_uid)
+
+
+def _mail_row(mailbox_id: int, uidvalidity: int, record: MailRecord) -> dict[str, object]:
+    """The posted_mail columns of a mail."""
+    return {
+        "mailbox_id": mailbox_id,
+        "uidvalidity": uidvalidity,
+        "uid": record.uid,
+        "message_id": record.message_id,
+        "subject": record.subject,
+        "sender": record.sender,
+        "sender_name": record.sender_name,
+        "reply_to": record.reply_to,
+        "references": " ".join(record.references),
+        "summary": record.summary,
+        "attachments": record.attachments,
+    }
 
 
 def _shown(mail: PostedMail, account: str, folder: str) -> ShownMail:
@@ -500,17 +505,7 @@ def ensure_mail(
         return None
     session.execute(
         _insert(session, PostedMail)
-        .values(
-            mailbox_id=box.id,
-            uidvalidity=uidvalidity,
-            uid=record.uid,
-            message_id=record.message_id,
-            subject=record.subject,
-            sender=record.sender,
-            sender_name=record.sender_name,
-            reply_to=record.reply_to,
-            references=" ".join(record.references),
-        )
+        .values(_mail_row(box.id, uidvalidity, record))
         .on_conflict_do_nothing(index_elements=["mailbox_id", "uidvalidity", "uid"])
     )
     return session.scalars(
