@@ -6,7 +6,10 @@ The servers are the integration tests' (tests/servers/): Dovecot behind a TcpPro
 counts the bytes each way) and the fake Bot API, all in this process's event loop. The bridge
 runs as a separate process, `python -m bridge run` configured by BRIDGE_* variables like
 tests/integration/test_cli.py does, so that its peak RSS (VmHWM of /proc/<pid>/status) holds
-the bridge alone, not the servers' memory.
+the bridge alone, not the servers' memory. It starts on a new database, so it migrates it
+first and keeps Alembic loaded (about 12 MB): the first start. --migrated runs `python -m
+bridge migrate` before, so that `run` finds the database migrated and never loads Alembic, as
+every later start does.
 
 One mail with one attachment of --size-mb random bytes (base64 in the mail) is delivered with
 IMAP APPEND straight to Dovecot (not through the proxy: the proxy sees only the bridge's
@@ -199,6 +202,29 @@ class Bridge:
         return self.proc.returncode
 
 
+async def migrate(env: dict[str, str], workdir: Path) -> None:
+    """`python -m bridge migrate` on the bridge's database, in its own process (bounded)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "migrate",
+        env=env,
+        cwd=workdir,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"bridge migrate exited {proc.returncode}:\n{output.decode()}")
+
+
 async def summary_call(botapi: FakeBotApi, subject: str, within: float) -> Call:
     """The sendMessage that posted the summary of `subject` (bounded wait)."""
     async with asyncio.timeout(within):
@@ -243,6 +269,8 @@ async def run(args: argparse.Namespace, dovecot: DovecotServer, ca: CA, workdir:
     failures: list[str] = []
     async with FakeBotApi() as botapi, TcpProxy(dovecot.host, dovecot.port) as proxy:
         env = bridge_env(proxy.port, user, ca, botapi, args.log_level)
+        if args.migrated:
+            await migrate(env, workdir)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -313,7 +341,11 @@ async def run(args: argparse.Namespace, dovecot: DovecotServer, ca: CA, workdir:
     print(f"Attachment on demand ({args.size_mb:g} MB of random bytes, base64 in the mail)")
     print(machine())
     version = ".".join(map(str, dovecot.version))
-    print(f"Dovecot {version}; the bridge: `python -m bridge run`, pid {proc.pid}")
+    database = "migrated before (no Alembic)" if args.migrated else "new (migrated by run)"
+    print(
+        f"Dovecot {version}; the bridge: `python -m bridge run`, pid {proc.pid}; "
+        f"database {database}"
+    )
     print(
         f"mail: {whole:,} octets; part {section}: {encoded:,} octets encoded, "
         f"{len(data):,} decoded; APPEND {appended:.1f} s, summary posted {posted:.1f} s "
@@ -360,6 +392,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size-mb", type=float, default=30, help="attachment size, MiB (30)")
     parser.add_argument("--timeout", type=float, default=300, help="bound for the press, s")
     parser.add_argument("--timeline", action="store_true", help="print the RSS/bytes samples")
+    parser.add_argument(
+        "--migrated",
+        action="store_true",
+        help="migrate the database first (`bridge migrate`): run then never loads Alembic",
+    )
     parser.add_argument("--log-level", default="INFO", help="the bridge's log level (INFO)")
     args = parser.parse_args(argv)
     if not 0 < args.size_mb <= 45:

@@ -28,8 +28,9 @@ Figures per configuration:
   scaled to a minute plus one round's CPU, what a minute costs with the default
   poll_interval of 60 s.
 
-The child creates the database and the account row before starting the bridge: see
-seed_account() for the start-up race this avoids.
+The child creates the database and the account row before starting the bridge (see
+seed_account()), so that every configuration starts from the same state; this loads Alembic
+into the process before "RSS before" is read.
 
 Trust (--trust): "system" (default) is what a real deployment does, ca_file unset so that every
 connection's TLS context loads the system trust store; SSL_CERT_FILE points at a copy of
@@ -158,10 +159,10 @@ def time_rounds() -> None:
 def seed_account(settings: Settings) -> None:
     """Migrate the database and create the account row before the bridge starts.
 
-    Works around a race in the bridge: on a new database every FolderWatcher of an account
-    calls store.ensure_account at once (SELECT, then INSERT, each in its own worker thread),
-    and all but one fail with IntegrityError (UNIQUE account.name), which no watcher catches,
-    so the bridge stops. --no-seed-account shows it.
+    This used to work around a race: on a new database every FolderWatcher of an account
+    called store.ensure_account at once and all but one failed with IntegrityError (UNIQUE
+    account.name), which stopped the bridge. Since commit 50680d6 the bridge creates the
+    accounts before the watchers start; --no-seed-account lets it do so.
     """
     engine = make_engine(settings.core.database_url)
     try:
@@ -367,7 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-seed-account",
         dest="seed_account",
         action="store_false",
-        help="do not create the account row first (shows the bridge's ensure_account race)",
+        help="let the bridge migrate the database and create the account row itself",
     )
     parser.add_argument("--log-level", default="WARNING", help="bridge log level (WARNING)")
     # Internal: one configuration in a child process.

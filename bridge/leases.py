@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -32,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def instance_id() -> str:
-    """This process's name in lease rows: host, pid and a random part (pids are reused)."""
-    return f"{socket.gethostname()[:60]}-{os.getpid()}-{secrets.token_hex(3)}"
+    """This instance's name in lease rows: host, pid and a random part (pids are reused), so
+    that an instance on the same host can tell at once when the holder died."""
+    return store.new_holder()
 
 
 class Held(NamedTuple):

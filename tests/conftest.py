@@ -132,9 +132,12 @@ def postgres() -> Iterator[Engine]:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    else:
+        reason = ""
+    if reason:
         engine.dispose()
         where = admin.render_as_string(hide_password=True)
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         pytest.fail(
             f"PostgreSQL not reachable at {where} ({reason}): scripts/test.sh starts one, "
             f"or set {POSTGRES_VARIABLE}",

@@ -544,6 +544,11 @@ _HOST = f"{socket.gethostname()[:50]}:{_pid_namespace()}"
 CLAIMER = f"{_HOST}-{os.getpid()}-{secrets.token_hex(3)}"  # this process, in claim rows
 
 
+def new_holder() -> str:
+    """A name for a lease holder in this process, in the form claimer_gone() understands."""
+    return f"{_HOST}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def claimer_gone(holder: str | None) -> bool:
     """True when the process behind a claim is known to be gone: no claim row, or one made on
     this host (same pid namespace) by a pid that runs no more. Elsewhere the deadline decides."""
@@ -894,7 +899,9 @@ def take_lease(session: Session, name: str, holder: str, until: datetime) -> int
         except IntegrityError:
             return None  # another instance took it this very moment
         return 1
-    if as_utc(row.expires_at) <= now:
+    # Expired, or its holder ran on this host and is gone (a crash, a kill): take it over now,
+    # without waiting out the lease.
+    if as_utc(row.expires_at) <= now or (row.holder != holder and claimer_gone(row.holder)):
         row.holder, row.token, row.expires_at = holder, row.token + 1, until
         return row.token
     if row.holder == holder:
