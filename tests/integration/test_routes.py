@@ -13,6 +13,7 @@ from sqlalchemy import text
 from bridge.db.engine import make_engine
 from bridge.db.migrate import alembic_config
 from tests.conftest import SECRETS
+from tests.integration.chat import wait_for_log
 from tests.integration.conftest import OWNER, make_account, make_settings, running
 from tests.servers.dovecot import MailUser
 
@@ -183,7 +184,7 @@ async def test_migrated_group_is_followed_and_remembered(
 
 
 async def test_forbidden_chat_waits_while_the_others_get_their_mail(
-    settings_for, dovecot, mail_user, botapi
+    settings_for, dovecot, mail_user, botapi, caplog
 ) -> None:
     settings = settings_for(
         telegram={"notify_chat_ids": [TEAM, OWNER], "chat_retry": 0.5},
@@ -193,7 +194,8 @@ async def test_forbidden_chat_waits_while_the_others_get_their_mail(
         await bridge.ready()
         dovecot.append(mail_user.name, mail_user.password, message("For everyone"))
         await wait_received(botapi, OWNER, "For everyone")
-        # /status names the chat Telegram refuses.
+        # /status names the chat Telegram refuses (once the refusal was met).
+        await wait_for_log(caplog, lambda r: "refused chat" in r.getMessage(), 10)
         botapi.send_user_message(OWNER, OWNER, "/status")
         status = await asyncio.wait_for(_reply_containing(botapi, "refuses"), 10)
         assert str(TEAM) in status
