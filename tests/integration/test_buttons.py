@@ -414,3 +414,24 @@ async def test_inbox_of_50_long_subjects_fits_one_message(
         listed = await next_after(botapi, "sendMessage", before)
     assert str(listed.params["text"]).count("\n") == 50
     assert len(keyboard(listed)) == 50
+
+
+async def test_a_slow_upload_holds_up_no_other_command(
+    settings_for, dovecot, mail_user, botapi
+) -> None:
+    raw = message("Slow file", attachments=[("big.bin", "application/zip", b"z" * 200_000)])
+    async with running(settings_for()) as bridge:
+        await bridge.ready()
+        _uid, call, message_id = await deliver_and_show(
+            bridge, botapi, dovecot, mail_user, raw, "Slow file"
+        )
+        botapi.delay("sendDocument", 6.0)  # the upload takes 6 s to be answered
+        docs = len(botapi.calls("sendDocument", ok_only=True))
+        query = press(botapi, message_id, button(keyboard(call), "Attachments"))
+        await answer_of(botapi, query)  # the press was answered: the upload is under way
+        before = len(botapi.calls("sendMessage", ok_only=True))
+        botapi.send_user_message(OWNER, OWNER, "/help")
+        helped = await next_after(botapi, "sendMessage", before, timeout=4)
+        assert "Commands" in helped.params["text"]
+        assert len(botapi.calls("sendDocument", ok_only=True)) == docs  # still uploading
+        await next_after(botapi, "sendDocument", docs, timeout=15)
