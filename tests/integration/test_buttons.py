@@ -6,12 +6,15 @@ import asyncio
 import email
 import email.policy
 import secrets
+from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
 
 import pytest
 
+from tests.conftest import SECRETS
 from tests.integration.conftest import OWNER, running
+from tests.servers.dovecot import DovecotServer, MailUser
 
 STRANGER = 666
 
@@ -435,3 +438,38 @@ async def test_a_slow_upload_holds_up_no_other_command(
         assert "Commands" in helped.params["text"]
         assert len(botapi.calls("sendDocument", ok_only=True)) == docs  # still uploading
         await next_after(botapi, "sendDocument", docs, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def dovecot_no_move(ca) -> Iterator[DovecotServer]:
+    """A server that does not offer MOVE (RFC 6851): the buttons must COPY + UID EXPUNGE."""
+    with DovecotServer(ca, without_capabilities=("MOVE",)) as server:
+        yield server
+
+
+async def test_archive_and_undo_without_move_copy_and_expunge_only_that_mail(
+    settings_for, dovecot_no_move, botapi
+) -> None:
+    user = MailUser(f"nomove{secrets.token_hex(3)}", secrets.token_urlsafe(12))
+    dovecot_no_move.add_user(user.name, user.password)
+    SECRETS.add(user.password)
+    dovecot_no_move.create_folders(user.name, user.password, "Archive")
+    other = dovecot_no_move.append(
+        user.name, user.password, message("Someone else's"), flags=[b"\\Deleted"]
+    )
+    settings = settings_for(dovecot=dovecot_no_move, user=user)
+    async with running(settings) as bridge:
+        await bridge.ready()
+        _uid, call, message_id = await deliver_and_show(
+            bridge, botapi, dovecot_no_move, user, message("No move here"), "No move here"
+        )
+        edits = len(botapi.calls("editMessageText", ok_only=True))
+        press(botapi, message_id, button(keyboard(call), "Archive"))
+        await next_after(botapi, "editMessageText", edits)
+        assert "Archived" in botapi.message(OWNER, message_id)["text"]
+        assert len(dovecot_no_move.uids(user.name, user.password, "Archive")) == 1
+        press(botapi, message_id, button(keyboard(botapi.message(OWNER, message_id)), "Undo"))
+        await next_after(botapi, "editMessageText", edits + 1)
+        assert dovecot_no_move.uids(user.name, user.password, "Archive") == []
+    # Another client's \Deleted mail was not expunged along with ours.
+    assert b"\\Deleted" in dovecot_no_move.flags(user.name, user.password, other)
