@@ -97,11 +97,15 @@ class Pacer:
         self._sent[chat_id].append(now)
 
     def load(self, chat_id: int, sent: list[float]) -> None:
-        """What was sent to the chat lately (by any instance), as a starting point."""
+        """What was sent to the chat lately, by any instance, as the database knows it.
+
+        It replaces what this instance counted: every send of ours is in the database before
+        the next one (recorded with its delivery), under a slightly different time, and
+        merging the two would count each send twice.
+        """
         known = self._sent[chat_id]
-        merged = sorted({*known, *sent})
         known.clear()
-        known.extend(merged)
+        known.extend(sorted(sent))
 
 
 class _ChatRefused(Exception):

@@ -138,7 +138,9 @@ async def _remember(
 ) -> int | None:
     """The hit's row with a rendered summary, so that its button can post it."""
     where = hit.location
-    fetched = await actions.fetch_summary_source(
+    # Fetched with the search itself, on its connection; only a hit that vanished meanwhile
+    # is asked for again.
+    fetched = hit.fetched or await actions.fetch_summary_source(
         account.imap, where, tokens=runner.tokens_for(account)
     )
     text, parsed = summarise(fetched, preview_chars=1200)
