@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from cryptography.fernet import Fernet
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -45,6 +46,11 @@ DEFAULT_ACCOUNT = "default"
 _M = TypeVar("_M", bound=BaseModel)
 # Keys whose value is a secret: a file holding one must be owner-only.
 _SECRET_KEYS = frozenset({"password", "token", "client_secret", "secret_key"})
+
+
+# Choice settings are matched without regard to case (`SSL`, `Oauth2`, `info`).
+_LOWER = BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value)
+_UPPER = BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value)
 
 
 def _id_list(value: Any) -> Any:
@@ -92,8 +98,8 @@ class CoreSettings(BaseModel):
     """Settings every command needs."""
 
     database_url: str = "sqlite:///data/bridge.db"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], _UPPER] = "INFO"
+    log_format: Annotated[Literal["text", "json"], _LOWER] = "text"
     # Several instances on one database: a dead instance's work is taken over after this.
     lease_seconds: float = Field(default=30.0, ge=3, le=3600)
     # Fernet key(s) that encrypt OAuth2 tokens in the database; comma-separated, newest first.
@@ -129,16 +135,6 @@ class CoreSettings(BaseModel):
         if self.secret_key is None:
             return []
         return self.secret_key.get_secret_value().split(",")
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
 
 def _host_port(value: str | None) -> str | None:
@@ -250,7 +246,7 @@ class ImapSettings(BaseModel):
     username: str
     # Before `password`: the password check reads it. oauth2: SASL XOAUTH2 with the account's
     # [accounts.oauth2] tokens (bridge/oauth.py) instead of a password.
-    auth: Literal["password", "oauth2"] = "password"
+    auth: Annotated[Literal["password", "oauth2"], _LOWER] = "password"
     password: SecretStr | None = Field(default=None, validate_default=True)
     password_file: Path | None = None
     mailbox: str = "INBOX"
@@ -271,11 +267,6 @@ class ImapSettings(BaseModel):
     @classmethod
     def _password_file(cls, data: Any) -> Any:
         return _secret_twin(data, "password")
-
-    @field_validator("auth", mode="before")
-    @classmethod
-    def _auth_lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
     @field_validator("password")
     @classmethod
@@ -304,10 +295,10 @@ class SmtpSettings(BaseModel):
 
     host: str
     port: int = Field(default=465, ge=1, le=65535)
-    security: Literal["ssl", "starttls"] = "ssl"
+    security: Annotated[Literal["ssl", "starttls"], _LOWER] = "ssl"
     username: str | None = None
     # None: as the account's IMAP login (password, or oauth2: SASL XOAUTH2, bridge/oauth.py).
-    auth: Literal["password", "oauth2"] | None = None
+    auth: Annotated[Literal["password", "oauth2"] | None, _LOWER] = None
     password: SecretStr | None = None
     password_file: Path | None = None
     from_address: str | None = None
@@ -318,16 +309,6 @@ class SmtpSettings(BaseModel):
     @classmethod
     def _password_file(cls, data: Any) -> Any:
         return _secret_twin(data, "password")
-
-    @field_validator("auth", mode="before")
-    @classmethod
-    def _auth_lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("security", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
     @field_validator("ca_file")
     @classmethod
@@ -361,7 +342,7 @@ class OAuth2Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    provider: Literal["microsoft", "google", "custom"]
+    provider: Annotated[Literal["microsoft", "google", "custom"], _LOWER]
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None  # public clients (Microsoft's) have none
     client_secret_file: Path | None = None
@@ -377,11 +358,6 @@ class OAuth2Settings(BaseModel):
     @classmethod
     def _client_secret_file(cls, data: Any) -> Any:
         return _secret_twin(data, "client_secret")
-
-    @field_validator("provider", mode="before")
-    @classmethod
-    def _provider_lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
     @field_validator("scopes", mode="before")
     @classmethod
