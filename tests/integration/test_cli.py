@@ -6,25 +6,22 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
-import signal
 import sqlite3
 import stat
 import subprocess
-import sys
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SECRETS
+from tests.integration.chat import next_text
 from tests.integration.conftest import OWNER
+from tests.integration.processes import COMMAND, make_env, one_line_error, service
 from tests.servers.dovecot import MailUser
 
 SAMPLES = Path(__file__).parent.parent / "mails"
-COMMAND = [sys.executable, "-m", "bridge"]
 TIMEOUT = 30.0  # bound for a command that should finish by itself
 
 
@@ -37,46 +34,6 @@ def mail(subject: str, n: int) -> bytes:
     msg["Message-ID"] = f"<cli-{n}@example.org>"
     msg.set_content(f"Body {n}.")
     return bytes(msg)
-
-
-def make_env(
-    *, dovecot=None, user=None, ca=None, botapi=None, smtpd=None, **extra: str | None
-) -> dict[str, str]:
-    """The process environment: the test's, minus any BRIDGE_*, plus settings for the servers.
-
-    `extra` overrides (a value of None removes the variable).
-    """
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BRIDGE_")}
-    if botapi is not None:
-        env["BRIDGE_TELEGRAM__TOKEN"] = botapi.token
-        env["BRIDGE_TELEGRAM__API_URL"] = botapi.url
-    else:
-        env["BRIDGE_TELEGRAM__TOKEN"] = "1:unused"
-        env["BRIDGE_TELEGRAM__API_URL"] = "http://127.0.0.1:1"
-    env["BRIDGE_TELEGRAM__ALLOWED_USER_IDS"] = f"[{OWNER}]"
-    if dovecot is not None:
-        env["BRIDGE_IMAP__HOST"] = "127.0.0.1"
-        env["BRIDGE_IMAP__PORT"] = str(dovecot.port)
-        env["BRIDGE_IMAP__POLL_INTERVAL"] = "0.5"
-    if user is not None:
-        env["BRIDGE_IMAP__USERNAME"] = user.name
-        env["BRIDGE_IMAP__PASSWORD"] = user.password
-    if ca is not None:
-        env["BRIDGE_IMAP__CA_FILE"] = str(ca.ca_file)
-        env["BRIDGE_SMTP__CA_FILE"] = str(ca.ca_file)
-    env["BRIDGE_SMTP__HOST"] = "127.0.0.1"
-    env["BRIDGE_SMTP__PORT"] = "1"
-    if smtpd is not None:
-        env["BRIDGE_SMTP__PORT"] = str(smtpd.port)
-        env["BRIDGE_SMTP__USERNAME"] = smtpd.username
-        env["BRIDGE_SMTP__PASSWORD"] = smtpd.password
-        env["BRIDGE_SMTP__SECURITY"] = smtpd.tls
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
 
 
 def file_env(**extra: str) -> dict[str, str]:
@@ -186,86 +143,6 @@ async def acli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, st
     return proc.returncode, out.decode(), err.decode()
 
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
-
-
-def one_line_error(stderr: str) -> str:
-    """The message of a failed command: exactly one line besides DEBUG/INFO log lines, no
-    traceback (at the default log level `migrate` and `run` log what Alembic does)."""
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.strip().splitlines() if not LOG_LINE.match(line)]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("mailbridge: "), stderr
-    return lines[0]
-
-
-class Service:
-    """A `mailbridge run` subprocess whose stderr is collected line by line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._changed = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            async with self._changed:
-                self.lines.append(raw.decode(errors="replace"))
-                self._changed.notify_all()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-    async def wait_for_line(self, needle: str, timeout: float = 20.0) -> None:
-        """Wait (bounded) until a stderr line contains `needle`."""
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(
-                    lambda: any(needle in line for line in self.lines) or self._reader.done()
-                )
-        except TimeoutError:
-            raise TimeoutError(
-                f"{needle!r} not logged within {timeout} s:\n{self.stderr}"
-            ) from None
-        assert any(needle in line for line in self.lines), self.stderr
-
-    async def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then wait (bounded) for the exit status."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        await asyncio.wait_for(self._reader, 5)
-        return code
-
-
-@contextlib.asynccontextmanager
-async def service(env: dict[str, str], cwd: Path) -> AsyncIterator[Service]:
-    """`mailbridge run` for the duration of the block (killed if the block fails)."""
-    proc = await asyncio.create_subprocess_exec(
-        *COMMAND,
-        "run",
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    svc = Service(proc)
-    try:
-        yield svc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        svc._reader.cancel()
-
-
-async def next_text(botapi, timeout: float = 20.0) -> str:
-    call = await botapi.next_call("sendMessage", timeout=timeout, ok_only=True)
-    return str(call.params["text"])
-
-
 def posted(botapi) -> list[str]:
     return [str(c.params["text"]) for c in botapi.calls("sendMessage", ok_only=True)]
 
@@ -280,7 +157,7 @@ async def test_run_posts_mail_and_stops_cleanly_on_sigterm(
     async with service(env, tmp_path) as svc:
         await svc.wait_for_line("first contact with")
         dovecot.append(mail_user.name, mail_user.password, mail("Via the CLI", 1))
-        assert "Via the CLI" in await next_text(botapi)
+        assert "Via the CLI" in await next_text(botapi, timeout=20)
         assert await svc.terminate() == 0
     assert "Traceback" not in svc.stderr
     for secret in (botapi.token, mail_user.password):
@@ -297,14 +174,14 @@ async def test_run_twice_on_one_database_posts_nothing_twice(
     async with service(env, tmp_path) as svc:
         await svc.wait_for_line("first contact with")
         dovecot.append(mail_user.name, mail_user.password, mail("First run", 1))
-        assert "First run" in await next_text(botapi)
+        assert "First run" in await next_text(botapi, timeout=20)
         assert await svc.terminate() == 0
     dovecot.append(mail_user.name, mail_user.password, mail("While stopped", 2))
     async with service(env, tmp_path) as svc:
-        assert "While stopped" in await next_text(botapi)
+        assert "While stopped" in await next_text(botapi, timeout=20)
         await svc.wait_for_line("mailbridge running")
         dovecot.append(mail_user.name, mail_user.password, mail("Second run", 3))
-        assert "Second run" in await next_text(botapi)
+        assert "Second run" in await next_text(botapi, timeout=20)
         assert await svc.terminate() == 0
     texts = posted(botapi)
     for subject in ("First run", "While stopped", "Second run"):

@@ -7,9 +7,9 @@ import asyncio
 import json
 import socket
 
-from tests.integration.chat import mail
+from tests.integration.chat import mail, next_text
 from tests.integration.conftest import OWNER
-from tests.integration.test_cli import make_env, next_text, one_line_error, service
+from tests.integration.processes import make_env, one_line_error, service
 
 EXIT_BOUND = 15.0  # seconds from the cause to the exit
 
@@ -33,9 +33,9 @@ async def test_transient_errors_at_start_are_retried_and_logs_are_json(
     async with service(env, tmp_path) as svc:
         await svc.wait_for_line("first contact with")
         dovecot.append(mail_user.name, mail_user.password, mail("After two 502s"))
-        assert "After two 502s" in await next_text(botapi)
+        assert "After two 502s" in await next_text(botapi, timeout=20)
         botapi.send_user_message(OWNER, OWNER, "/help")  # the poller runs
-        assert "/status" in await next_text(botapi)
+        assert "/status" in await next_text(botapi, timeout=20)
         assert await svc.terminate() == 0
     for method in ("getMe", "setMyCommands", "deleteWebhook"):
         statuses = [call.status for call in botapi.calls(method)]
