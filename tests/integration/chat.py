@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from email.utils import make_msgid
 
+from bridge.db import store
+from bridge.db.engine import Database, make_engine
 from tests.integration.conftest import OWNER
 from tests.servers.botapi import Call, html_to_text
 
@@ -165,3 +167,18 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {bound} s: {describe()}")
         await asyncio.sleep(interval)
+
+
+def buttons(call) -> list[tuple[str, str]]:
+    """(label, callback_data) of every inline button of a sendMessage call."""
+    markup = call.params.get("reply_markup") or {}
+    return [(b["text"], b["callback_data"]) for row in markup["inline_keyboard"] for b in row]
+
+
+async def outbox_counts(settings) -> dict[str, int]:
+    """The outbox's items per status, read from the bridge's database."""
+    db = Database(make_engine(settings.core.database_url))
+    try:
+        return await db.run(store.outbox_counts)
+    finally:
+        db.engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from bridge.config import (
     SmtpSettings,
     TelegramSettings,
 )
-from tests.conftest import DATABASES
+from tests.conftest import DATABASES, SECRETS
+from tests.servers.dovecot import MailUser
+from tests.servers.smtpd import SmtpServer
 
 OWNER = 4242  # the allowed user; also the notify chat (private chat id == user id)
 # The tests of these modules run on SQLite and again on PostgreSQL; the others on SQLite only
@@ -193,5 +196,58 @@ def settings_for(tmp_path: Path, dovecot: Any, mail_user: Any, botapi: Any, ca: 
         kw.setdefault("botapi", botapi)
         kw.setdefault("ca_file", Path(ca.ca_file))
         return make_settings(tmp_path, **kw)
+
+    return build
+
+
+WORK_SENDER = "Work Desk <desk@work.example>"
+
+
+@pytest.fixture
+def work_user(dovecot, mail_user) -> MailUser:
+    """A second mailbox on the session Dovecot, for the account `work`."""
+    user = MailUser(f"{mail_user.name}-work", secrets.token_urlsafe(12))
+    dovecot.add_user(user.name, user.password)
+    SECRETS.add(user.password)
+    return user
+
+
+@pytest.fixture
+def work_smtpd(ca):
+    """A second SMTP server with its own login: what arrives here left through `work`."""
+    with SmtpServer(ca, username="desk@work.example") as server:
+        SECRETS.add(server.password)
+        yield server
+
+
+@pytest.fixture
+def two_accounts(settings_for, dovecot, ca, mail_user, smtpd, work_user, work_smtpd):
+    """Settings with the accounts `home` (mail_user, smtpd) and `work` (work_user, work_smtpd)."""
+
+    def build(**kw):
+        ca_file = Path(ca.ca_file)
+        home = make_account(
+            "home",
+            dovecot=dovecot,
+            user=mail_user,
+            ca_file=ca_file,
+            smtpd=smtpd,
+            imap={"save_sent": False},
+            smtp={"username": smtpd.username, "password": smtpd.password},
+        )
+        work = make_account(
+            "work",
+            dovecot=dovecot,
+            user=work_user,
+            ca_file=ca_file,
+            smtpd=work_smtpd,
+            imap={"save_sent": False},
+            smtp={
+                "username": work_smtpd.username,
+                "password": work_smtpd.password,
+                "from_address": WORK_SENDER,
+            },
+        )
+        return settings_for(accounts=[home, work], **kw)
 
     return build

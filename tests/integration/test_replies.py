@@ -9,21 +9,10 @@ import pytest
 
 from bridge.db import store
 from bridge.db.engine import Database, make_engine
-from tests.integration import test_send
-from tests.integration.conftest import OWNER, running
-from tests.integration.test_send import (
-    WORK_SENDER,
-    answer,
-    answer_containing,
-    buttons,
-    outbox_counts,
-)
+from tests.integration.chat import answer, answer_containing, buttons, outbox_counts
+from tests.integration.conftest import OWNER, WORK_SENDER, running
 
 STRANGER = 999
-# The two-account fixtures of the /send tests, for the tests here.
-two_accounts = test_send.two_accounts
-work_smtpd = test_send.work_smtpd
-work_user = test_send.work_user
 
 
 def original(

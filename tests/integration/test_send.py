@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from pathlib import Path
 
 import pytest
 
 from bridge.db import store
 from bridge.db.engine import Database, make_engine
 from bridge.db.migrate import upgrade_to_head
-from tests.conftest import SECRETS
-from tests.integration.conftest import OWNER, make_account, running
-from tests.servers.dovecot import MailUser
-from tests.servers.smtpd import SmtpServer
+from tests.integration.chat import buttons, outbox_counts
+from tests.integration.conftest import OWNER, WORK_SENDER, running
 
 STRANGER = 999
-WORK_SENDER = "Work Desk <desk@work.example>"
 
 
 async def answer(botapi, chat_id: int = OWNER) -> str:
@@ -37,70 +33,11 @@ async def answer_containing(botapi, needle: str, chat_id: int = OWNER) -> str:
                 return text
 
 
-async def outbox_counts(settings) -> dict[str, int]:
-    """The outbox's items per status, read from the bridge's database."""
-    db = Database(make_engine(settings.core.database_url))
-    try:
-        return await db.run(store.outbox_counts)
-    finally:
-        db.engine.dispose()
-
-
 @pytest.fixture
 def send_settings(settings_for, smtpd):
     def build(**kw):
         kw.setdefault("imap", {"save_sent": False})
         return settings_for(smtpd=smtpd, **kw)
-
-    return build
-
-
-@pytest.fixture
-def work_user(dovecot, mail_user) -> MailUser:
-    """A second mailbox on the session Dovecot, for the account `work`."""
-    user = MailUser(f"{mail_user.name}-work", secrets.token_urlsafe(12))
-    dovecot.add_user(user.name, user.password)
-    SECRETS.add(user.password)
-    return user
-
-
-@pytest.fixture
-def work_smtpd(ca):
-    """A second SMTP server with its own login: what arrives here left through `work`."""
-    with SmtpServer(ca, username="desk@work.example") as server:
-        SECRETS.add(server.password)
-        yield server
-
-
-@pytest.fixture
-def two_accounts(settings_for, dovecot, ca, mail_user, smtpd, work_user, work_smtpd):
-    """Settings with the accounts `home` (mail_user, smtpd) and `work` (work_user, work_smtpd)."""
-
-    def build(**kw):
-        ca_file = Path(ca.ca_file)
-        home = make_account(
-            "home",
-            dovecot=dovecot,
-            user=mail_user,
-            ca_file=ca_file,
-            smtpd=smtpd,
-            imap={"save_sent": False},
-            smtp={"username": smtpd.username, "password": smtpd.password},
-        )
-        work = make_account(
-            "work",
-            dovecot=dovecot,
-            user=work_user,
-            ca_file=ca_file,
-            smtpd=work_smtpd,
-            imap={"save_sent": False},
-            smtp={
-                "username": work_smtpd.username,
-                "password": work_smtpd.password,
-                "from_address": WORK_SENDER,
-            },
-        )
-        return settings_for(accounts=[home, work], **kw)
 
     return build
 
@@ -378,12 +315,6 @@ async def test_copy_goes_to_the_special_use_sent_folder(
 
 
 # Several accounts: /send picks one, and the mail leaves through that account's SMTP login.
-
-
-def buttons(call) -> list[tuple[str, str]]:
-    """(label, callback_data) of every inline button of a sendMessage call."""
-    markup = call.params.get("reply_markup") or {}
-    return [(b["text"], b["callback_data"]) for row in markup["inline_keyboard"] for b in row]
 
 
 async def test_send_at_name_leaves_through_that_account(
