@@ -17,7 +17,6 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import OperationalError
 from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
@@ -25,8 +24,8 @@ from telegram.error import TelegramError
 from bridge import metrics
 from bridge.config import TelegramSettings
 from bridge.db import store
-from bridge.db.engine import Database
-from bridge.errors import DatabaseError, TokenRefused
+from bridge.db.engine import UNAVAILABLE, Database, unavailable_reason
+from bridge.errors import TokenRefused
 from bridge.leases import Leases
 from bridge.mail.summary import (
     COMBINED_LISTED,
@@ -170,8 +169,10 @@ class Delivery:
                             self._workers[chat_id] = group.create_task(self._serve(chat_id, stop))
                         else:  # another instance serves it: look again when its lease may end
                             timeout = min(timeout, self.leases.seconds / 3)
-                except (OperationalError, DatabaseError) as exc:
-                    logger.warning("delivery: database unusable (%s); retrying", exc)
+                except UNAVAILABLE as exc:
+                    logger.warning(
+                        "delivery: database unusable (%s); retrying", unavailable_reason(exc)
+                    )
                     timeout = min(timeout, 2.0)
                 if not self._workers and not self._wakeup.is_set():
                     self.idle.set()
@@ -195,7 +196,7 @@ class Delivery:
         try:
             if await self.leases.take(name) is None:
                 return False
-        except (OperationalError, DatabaseError):
+        except UNAVAILABLE:
             if self.leases.valid(name):
                 return True
             raise

@@ -18,12 +18,9 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy.exc import OperationalError
-
 from bridge import metrics
 from bridge.db import store
-from bridge.db.engine import Database
-from bridge.errors import DatabaseError
+from bridge.db.engine import UNAVAILABLE, Database, unavailable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +82,13 @@ class Leases:
                 try:
                     await self._round(stop)
                     self.settled.set()
-                except (OperationalError, DatabaseError) as exc:
+                except UNAVAILABLE as exc:
                     # Without the database no lease can be renewed. Work whose lease runs out
                     # stops (another instance may take over); the rest goes on, so a database
                     # locked for a moment stops nothing.
-                    logger.warning("leases: database unusable (%s); retrying", exc)
+                    logger.warning(
+                        "leases: database unusable (%s); retrying", unavailable_reason(exc)
+                    )
                     await self._stop_expiring()
                 await self._pause(stop)
                 self._raise_crash()
@@ -102,7 +101,7 @@ class Leases:
             if names:
                 try:
                     await self.db.run(store.release_leases, names, self.holder)
-                except (OperationalError, DatabaseError):
+                except UNAVAILABLE:
                     logger.warning("could not release leases; they expire by themselves")
 
     async def _round(self, stop: asyncio.Event) -> None:

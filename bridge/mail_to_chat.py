@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import getaddresses
 
-from sqlalchemy.exc import OperationalError
-
 from bridge import metrics
 from bridge.config import AccountSettings, RouteSettings
 from bridge.db import store
-from bridge.db.engine import Database
+from bridge.db.engine import UNAVAILABLE, Database, unavailable_reason
 from bridge.delivery import Delivery, topic_key
-from bridge.errors import DatabaseError, LeaseLost, MailError, PermanentMailError
+from bridge.errors import LeaseLost, MailError, PermanentMailError
 from bridge.leases import Held
 from bridge.mail.auth import TokenSource
 from bridge.mail.imap import FETCH_BATCH, FetchedMail, FolderState, ImapSession
@@ -34,6 +32,7 @@ from bridge.retry import Backoff, Stopped, wait_or_stop
 from bridge.routing import MailFacts, route
 
 logger = logging.getLogger(__name__)
+DATABASE_RETRY_CAP = 10.0  # seconds: a database back after an outage is noticed this soon
 
 
 @dataclass
@@ -126,6 +125,7 @@ class FolderWatcher:
         self.mailbox: store.MailboxState | None = None
         self.fence: Held | None = None  # the lease this watcher works under
         self._outage = False
+        self._database_down = False
 
     @property
     def name(self) -> str:
@@ -141,6 +141,8 @@ class FolderWatcher:
         """Watch on an own connection until stop is set; connection errors never end it.
 
         Under a lease (`held`), every write checks it: after a takeover nothing is written.
+        A database that cannot be used leaves the connection alone: the check is repeated on
+        it, with backoff, until the database answers again.
         """
         self.fence = held
         self.status.state = "starting"
@@ -152,21 +154,32 @@ class FolderWatcher:
                 self.recovered()
                 backoff.reset()
                 self.status.mode = "IDLE" if session.can_idle else "polling"
-                await self.sync(session, folder, stop)
+                self.mailbox = None  # read again: another instance may have moved the cursor
+                waits = Backoff(first=0.5, cap=DATABASE_RETRY_CAP)
                 while not stop.is_set():
+                    try:
+                        if self.mailbox is None:
+                            await self.sync(session, folder, stop)
+                        else:
+                            await self.check(session, stop)
+                    except UNAVAILABLE as exc:
+                        self.database_down(exc)
+                        await wait_or_stop(stop, waits.next())
+                        continue  # the same connection: what is above the cursor, again
+                    self.database_back()
+                    waits.reset()
                     if session.can_idle:
                         await session.idle_wait(stop)
+                    elif await wait_or_stop(stop, self.account.imap.poll_interval):
+                        return
                     else:
-                        if await wait_or_stop(stop, self.account.imap.poll_interval):
-                            return
                         await session.noop()
-                    await self.check(session, stop)
             except Stopped:
                 break
             except LeaseLost as exc:
                 logger.warning("%s: %s", self.name, exc)
                 break
-            except (MailError, DatabaseError, OperationalError) as exc:
+            except MailError as exc:
                 if stop.is_set():
                     break  # stopping shuts the socket under a pending IDLE: no failure
                 self.failed(exc)
@@ -191,6 +204,25 @@ class FolderWatcher:
             self._outage = True
             level = logging.ERROR if isinstance(exc, PermanentMailError) else logging.WARNING
             logger.log(level, "%s: %s; retrying with backoff", self.name, exc, extra=self.context)
+
+    def database_down(self, exc: Exception) -> None:
+        """The database could not be used for this folder's check; logged once per outage."""
+        if not self._database_down:
+            self._database_down = True
+            logger.warning(
+                "%s: database unusable (%s); keeping the IMAP connection, checking again",
+                self.name,
+                unavailable_reason(exc),
+                extra=self.context,
+            )
+        self.status.last_error = f"database unusable: {unavailable_reason(exc)}"
+
+    def database_back(self) -> None:
+        """A check went through the database (again)."""
+        if self._database_down:
+            self._database_down = False
+            self.status.last_error = ""
+            logger.info("%s: database usable again", self.name, extra=self.context)
 
     def unchanged(self, folder: FolderState) -> bool:
         """True when a STATUS answer shows nothing new since the last check."""
@@ -337,14 +369,24 @@ class FolderPoller:
             try:
                 await session.connect()
                 backoff.reset()
+                waits = Backoff(first=0.5, cap=DATABASE_RETRY_CAP)
                 while not stop.is_set():
+                    try:
+                        for watcher in self.watchers:
+                            await self._visit(session, watcher, stop)
+                    except UNAVAILABLE as exc:
+                        for watcher in self.watchers:
+                            watcher.database_down(exc)
+                        await wait_or_stop(stop, waits.next())
+                        continue  # the same connection, the same round again
                     for watcher in self.watchers:
-                        await self._visit(session, watcher, stop)
+                        watcher.database_back()
+                    waits.reset()
                     if await wait_or_stop(stop, self.account.imap.poll_interval):
                         return
             except (Stopped, LeaseLost):
                 break
-            except (MailError, DatabaseError, OperationalError) as exc:
+            except MailError as exc:
                 for watcher in self.watchers:
                     watcher.failed(exc)
                 metrics.IMAP_RECONNECTS.labels(account=self.account.name).inc()

@@ -88,6 +88,11 @@ IMAP_RECONNECTS = Counter(
     ["account"],
     registry=REGISTRY,
 )
+DB_STATEMENTS = Counter(
+    "mailbridge_db_statements",
+    "SQL statements this instance sent to the database (bench/instances.py: per posted mail).",
+    registry=REGISTRY,
+)
 LEASE_CHANGES = Counter(
     "mailbridge_lease_changes",
     "Leases this instance took over or lost (bridge/leases.py).",

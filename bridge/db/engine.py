@@ -14,15 +14,32 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from bridge import metrics
 from bridge.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 PERSIST_FOR = 120.0
 T = TypeVar("T")
+
+# What a database that cannot be used right now raises: unreachable, restarting, locked, disk
+# full (OperationalError), a connection that died under us (InterfaceError), or persist() giving
+# up (DatabaseError). Callers wait and try again; nothing they read from the mail side or from
+# Telegram is confirmed meanwhile.
+UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DatabaseError)
+
+# libpq: give up a connection attempt after 10 s, and notice a peer that vanished without a
+# word (a host power cut, a dropped route) by TCP keepalives within about a minute.
+_POSTGRES_CONNECT = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 # `postgresql://` names no driver; SQLAlchemy's default (psycopg2) is not installed, psycopg 3 is.
@@ -43,7 +60,9 @@ def make_engine(url: str) -> Engine:
     """Create the engine; for SQLite create its folder and an owner-only file, and use WAL."""
     parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        engine = create_engine(parsed, pool_pre_ping=True, connect_args=_POSTGRES_CONNECT)
+        _count_statements(engine)
+        return engine
     database = parsed.database
     if database and database != ":memory:" and not database.startswith("file:"):
         path = Path(database)
@@ -63,7 +82,16 @@ def make_engine(url: str) -> Engine:
         _wal(cursor, timeout)
         cursor.close()
 
+    _count_statements(engine)
     return engine
+
+
+def _count_statements(engine: Engine) -> None:
+    """Count every statement sent (mailbridge_db_statements on /metrics)."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(*_args: Any) -> None:
+        metrics.DB_STATEMENTS.inc()
 
 
 def _wal(cursor: Any, timeout: float) -> None:
@@ -105,7 +133,8 @@ class Database:
     async def persist(
         self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kw: P.kwargs
     ) -> T:
-        """Like run(), for writes that must land (a posted summary, a sent mail).
+        """Like run(), for writes that must land (a posted summary, a sent mail) and reads that
+        work cannot go on without.
 
         A locked database, a full disk or an I/O error is retried with backoff for up to
         PERSIST_FOR seconds, logged once; the transaction is rolled back each time, so the
@@ -115,12 +144,21 @@ class Database:
         while True:
             try:
                 return await self.run(fn, *args, **kw)
-            except OperationalError as exc:
-                reason = str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__
+            except (OperationalError, InterfaceError) as exc:
+                reason = unavailable_reason(exc)
                 if time.monotonic() > deadline:
                     raise DatabaseError(f"database unusable: {reason}") from exc
                 if not logged:
-                    logger.error("database write failed (%s); retrying", reason)
+                    logger.error("database unusable (%s); retrying", reason)
                     logged = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def unavailable_reason(exc: BaseException) -> str:
+    """One line on why the database could not be used, without the SQL or the URL."""
+    if isinstance(exc, DatabaseError):
+        return str(exc)
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else ""
+    return text.strip().splitlines()[0] if text.strip() else type(orig or exc).__name__

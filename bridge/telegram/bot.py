@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from telegram import BotCommand, Update
@@ -22,6 +22,7 @@ from telegram.ext import (
 )
 
 from bridge.config import TelegramSettings
+from bridge.db.engine import UNAVAILABLE, unavailable_reason
 from bridge.telegram import commands
 from bridge.telegram.access import Gate
 from bridge.telegram.deps import Deps
@@ -92,8 +93,59 @@ async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
         )
 
 
+@dataclass
+class HeldBack:
+    """Updates whose handling met a database that could not be used (bot_data["held_back"])."""
+
+    waiting: set[int] = field(default_factory=set)  # not to be confirmed this time
+    told: set[int] = field(default_factory=set)  # their chat was told once already
+
+
+def _held(application: Application[Any, Any, Any, Any, Any, Any]) -> HeldBack:
+    held = application.bot_data.setdefault("held_back", HeldBack())
+    if not isinstance(held, HeldBack):
+        raise TypeError("bot_data['held_back'] is not a HeldBack")
+    return held
+
+
+def held_back(application: Application[Any, Any, Any, Any, Any, Any], update: Update) -> bool:
+    """True when handling `update` stopped because the database could not be used: it must
+    not be confirmed, so that Telegram delivers it again."""
+    held = _held(application)
+    if update.update_id in held.waiting:
+        held.waiting.discard(update.update_id)
+        return True
+    held.told.discard(update.update_id)
+    return False
+
+
 async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Log handler errors; the chat gets one line, never a traceback."""
+    """Log handler errors; the chat gets one line, never a traceback.
+
+    An update that met a database it could not use is held back instead (polling and webhook
+    mode do not confirm it, Telegram delivers it again); its chat is told once.
+    """
+    if isinstance(update, Update) and isinstance(context.error, UNAVAILABLE):
+        held = _held(context.application)
+        held.waiting.add(update.update_id)
+        if update.update_id in held.told:
+            return
+        held.told.add(update.update_id)
+        logger.warning(
+            "database unusable (%s); update %d held back until it answers",
+            unavailable_reason(context.error),
+            update.update_id,
+        )
+        if update.effective_message is not None:
+            try:
+                await update.effective_message.reply_text(
+                    "The bridge's database is not answering; I will do this as soon as it is "
+                    "back.",
+                    do_quote=False,
+                )
+            except Exception:  # the chat may be down too
+                logger.debug("could not report the wait to the chat", exc_info=True)
+        return
     logger.error("error while handling an update", exc_info=context.error)
     if isinstance(update, Update) and update.effective_message is not None:
         try:
@@ -105,13 +157,19 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 
 def make_bot(telegram: TelegramSettings) -> ExtBot[int]:
-    """The bot, for the Bot API server in the settings, with PTB's rate limiter."""
+    """The bot, for the Bot API server in the settings, with PTB's rate limiter.
+
+    The limiter paces, but never retries a 429: it would sleep out the flood wait inside
+    send_message, where a stop cannot end it. RetryAfter reaches the caller, which waits where
+    stop is honoured (delivery, outbox reports, jobs: telegram/errors.py); a handler's answer
+    that meets one goes to the error handler, so that no wait holds up the other updates.
+    """
     api = telegram.api_url
     return ExtBot(
         telegram.token.get_secret_value(),
         base_url=f"{api}/bot",
         base_file_url=f"{api}/file/bot",
-        rate_limiter=AIORateLimiter(max_retries=3),
+        rate_limiter=AIORateLimiter(max_retries=0),
     )
 
 

@@ -3,7 +3,9 @@
 PTB's Updater confirms updates to Telegram (the next getUpdates offset) as soon as it has
 fetched them, before any handler ran: a crash in between loses the update, and with it a /send.
 Here the offset moves past an update only after Application.process_update() returned, so a
-crash means Telegram delivers it again (the outbox refuses a chat message twice).
+crash means Telegram delivers it again (the outbox refuses a chat message twice). An update
+whose handling met a database that could not be used is not confirmed either: it is fetched and
+handled again, with backoff, until the database answers.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from telegram.ext import Application
 
 from bridge import metrics
 from bridge.errors import TokenRefused
-from bridge.retry import Stopped
+from bridge.retry import Backoff, Stopped
+from bridge.telegram.bot import held_back
 from bridge.telegram.errors import Verdict, call_until_answered, classify, count
 
 logger = logging.getLogger(__name__)
 
 LONG_POLL = 10  # seconds Telegram may hold a getUpdates open
 MAX_BACKOFF = 30.0
+DATABASE_RETRY_CAP = 10.0  # seconds between attempts at an update held back
 
 
 async def poll(
@@ -42,6 +46,7 @@ async def poll(
         return
     offset: int | None = None
     delay = 0.0
+    database_waits = Backoff(first=0.5, cap=DATABASE_RETRY_CAP)
     while not stop.is_set():
         if delay:
             try:
@@ -78,4 +83,11 @@ async def poll(
         metrics.telegram_answered()
         for update in updates:
             await application.process_update(update)
+            if held_back(application, update):
+                # The database could not be used: not confirmed, so Telegram hands this update
+                # (and those after it, in order) over again once the wait is over.
+                delay = database_waits.next()
+                break
             offset = update.update_id + 1  # confirmed by the next getUpdates
+        else:
+            database_waits.reset()

@@ -25,8 +25,9 @@ from tornado.web import RequestHandler
 
 from bridge.config import TelegramSettings
 from bridge.db import store
-from bridge.db.engine import Database
+from bridge.db.engine import UNAVAILABLE, Database
 from bridge.retry import Backoff, wait_or_stop
+from bridge.telegram.bot import held_back
 from bridge.telegram.errors import Verdict, classify
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,12 @@ class _UpdateHandler(RequestHandler):
         except (ValueError, TypeError, KeyError):
             self.set_status(400)
             return
-        claim = await self.db.run(store.claim_update, update.update_id)
+        try:
+            claim = await self.db.run(store.claim_update, update.update_id)
+        except UNAVAILABLE as exc:
+            logger.warning("webhook: database unusable (%s); update asked for again", exc)
+            self.set_status(503)  # not taken: Telegram sends it again
+            return
         if claim == "done":
             return  # handled already (here or by another instance): 200, nothing else
         if claim == "busy":
@@ -65,9 +71,16 @@ class _UpdateHandler(RequestHandler):
         handled = False
         try:
             await self.app.process_update(update)
-            handled = True
+            handled = not held_back(self.app, update)
         finally:
-            await self.db.run(store.finish_update, update.update_id, handled)
+            if not handled:
+                self.set_status(503)  # Telegram sends it again
+            try:
+                await self.db.run(store.finish_update, update.update_id, handled)
+            except UNAVAILABLE:
+                # Not recorded as done: when it comes again it is taken again after
+                # UPDATE_TAKEOVER (store.py), and the outbox refuses a chat message twice.
+                logger.warning("webhook: could not record update %d", update.update_id)
 
 
 async def serve(
