@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ from bridge.db.migrate import migrated
 from bridge.delivery import ChatLocks, Delivery
 from bridge.errors import BridgeError, TokenRefused
 from bridge.jobs import JobRunner
-from bridge.leases import Leases
+from bridge.leases import Leases, lease_name
 from bridge.logs import SecretFilter, mask_secrets
 from bridge.mail_to_chat import FolderPoller, FolderWatcher
 from bridge.oauth import AccessTokens
@@ -32,7 +33,7 @@ from bridge.retry import Stopped
 from bridge.telegram import polling, webhook
 from bridge.telegram.bot import build_application, make_bot
 from bridge.telegram.deps import Deps
-from bridge.telegram.errors import call_until_answered
+from bridge.telegram.errors import call_through_floods, call_until_answered
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ async def serve(
     locks = ChatLocks()
     leases = Leases(db, settings.core.lease_seconds)
     delivery = Delivery(settings.telegram, db, bot, locks, leases)
-    notify = _notify_chats(bot, settings.telegram.notify_chats)
+    notify = _notify_chats(bot, settings.telegram.notify_chats, stop)
     tokens = AccessTokens(settings.accounts, settings.core.secret_keys, db, notify)
     outbox = Outbox(settings.accounts, settings.telegram, db, bot, tokens=tokens)
     jobs = JobRunner(settings.accounts, settings.telegram, db, bot, outbox, locks, tokens=tokens)
@@ -209,7 +210,7 @@ async def serve(
             if id(watcher) not in polled:
                 leases.add(watcher_lease(watcher), watcher.run)
         for poller in pollers:
-            leases.add(f"poll:{poller.account.name}", poller.run)
+            leases.add(lease_name(f"poll:{poller.account.name}"), poller.run)
         if not settings.telegram.webhook_url:  # long polling: one instance at a time
             leases.add("telegram:updates", lambda halt, _held: polling.poll(application, halt))
         async with asyncio.TaskGroup() as group:
@@ -232,13 +233,18 @@ async def serve(
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _notify_chats(bot: Bot, chats: Sequence[int]) -> Callable[[str], Awaitable[None]]:
+def _notify_chats(
+    bot: Bot, chats: Sequence[int], stop: asyncio.Event
+) -> Callable[[str], Awaitable[None]]:
     """How bridge/oauth.py tells the notify chats that an account must sign in again."""
 
     async def notify(text: str) -> None:
         for chat_id in chats:
             try:
-                await bot.send_message(chat_id, text)
+                await call_through_floods(functools.partial(bot.send_message, chat_id, text), stop)
+            except Stopped:
+                logger.warning("stopping: chat %s was not told about a sign-in", chat_id)
+                return
             except TelegramError as exc:  # told once: a chat that refuses it is logged
                 logger.warning("could not tell chat %s about a sign-in: %s", chat_id, exc)
 
@@ -247,7 +253,7 @@ def _notify_chats(bot: Bot, chats: Sequence[int]) -> Callable[[str], Awaitable[N
 
 def watcher_lease(watcher: FolderWatcher) -> str:
     """The lease a folder's own watcher runs under."""
-    return f"folder:{watcher.account.name}/{watcher.folder}"
+    return lease_name(f"folder:{watcher.account.name}/{watcher.folder}")
 
 
 async def _all_checked(
@@ -261,7 +267,7 @@ async def _all_checked(
     """Set ready once every folder this instance watches was checked and what they found was
     delivered."""
     await leases.settled.wait()
-    polled = {id(w): f"poll:{p.account.name}" for p in pollers for w in p.watchers}
+    polled = {id(w): lease_name(f"poll:{p.account.name}") for p in pollers for w in p.watchers}
     mine = [w for w in watchers if polled.get(id(w), watcher_lease(w)) in leases.held]
     waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.checked.wait()) for w in mine]
     waits.append(asyncio.ensure_future(_drained(mine, delivery)))

@@ -12,6 +12,7 @@ locks for correctness across instances; with one instance every lease is simply 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,18 @@ def instance_id() -> str:
     """This instance's name in lease rows: host, pid and a random part (pids are reused), so
     that an instance on the same host can tell at once when the holder died."""
     return store.new_holder()
+
+
+NAME_MAX = 300  # the lease table's name column
+
+
+def lease_name(name: str) -> str:
+    """`name`, or when it is longer than the column (a folder name may have 1,000
+    characters) its kind and a digest of the rest: the same on every instance."""
+    if len(name) <= NAME_MAX:
+        return name
+    kind, _, rest = name.partition(":")
+    return f"{kind}:#{hashlib.sha256(rest.encode()).hexdigest()}"
 
 
 class Held(NamedTuple):

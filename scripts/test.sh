@@ -52,12 +52,15 @@ stop_postgres() {
     fi
 }
 
-start_postgres() {
+install_postgres() {
     if [ -z "$(pg_bin)" ]; then
         echo "installing postgresql (the tests' second database)"
         as_root apt-get update -qq
         DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
     fi
+}
+
+start_postgres() {
     local bin port
     bin=$(pg_bin)
     port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -73,6 +76,9 @@ start_postgres() {
     export MAILBRIDGE_TEST_POSTGRES="postgresql://postgres@127.0.0.1:$port/postgres"
 }
 
+# The server binaries are needed even when a server runs: the chaos test of several instances
+# (tests/servers/postgres.py) restarts a throwaway cluster of its own under load.
+install_postgres
 if [ -z "${MAILBRIDGE_TEST_POSTGRES:-}" ]; then
     if pg_reachable "postgresql://postgres@127.0.0.1:5432/postgres"; then
         export MAILBRIDGE_TEST_POSTGRES="postgresql://postgres@127.0.0.1:5432/postgres"
