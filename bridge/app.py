@@ -206,13 +206,14 @@ async def serve(
             len(polled),
         )
         # Work only one instance may do at a time runs under a lease (one instance: all its).
+        # Instances share the leases evenly; the first ones added move least.
+        if not settings.telegram.webhook_url:  # long polling: one instance at a time
+            leases.add("telegram:updates", lambda halt, _held: polling.poll(application, halt))
         for watcher in watchers:
             if id(watcher) not in polled:
                 leases.add(watcher_lease(watcher), watcher.run)
         for poller in pollers:
             leases.add(lease_name(f"poll:{poller.account.name}"), poller.run)
-        if not settings.telegram.webhook_url:  # long polling: one instance at a time
-            leases.add("telegram:updates", lambda halt, _held: polling.poll(application, halt))
         async with asyncio.TaskGroup() as group:
             if settings.telegram.webhook_url:  # every instance takes updates
                 group.create_task(webhook.serve(application, db, settings.telegram, stop))

@@ -3,9 +3,12 @@
 A lease is a row (name, holder, token, expires_at) in the database. An instance takes a lease
 that is free or expired, and renews it every third of BRIDGE_LEASE_SECONDS while it works; an
 instance that dies stops renewing, and another takes the work over once the lease expired.
-Every new holder gets a larger fencing token: writes that only the holder may make (a folder's
-cursor, a chat's delivered mail) check it in the same transaction, so an instance that was
-paused past its lease cannot write after another took over. Nothing here relies on in-process
+Instances with the same work share it evenly: each keeps an `instance:` row alive and holds at
+most its share of the leases, handing the rest over (work stopped first, then the lease
+released), so a kill interrupts only part of the work. Every new holder gets a larger fencing
+token: writes that only the holder may make (a folder's cursor, a chat's delivered mail) check
+it in the same transaction, so an instance that was paused past its lease cannot write after
+another took over. Nothing here relies on in-process
 locks for correctness across instances; with one instance every lease is simply its own.
 """
 
@@ -66,6 +69,7 @@ class Leases:
         self.held: dict[str, Held] = {}
         self.valid_until: dict[str, float] = {}  # monotonic time each held lease ends
         self.changes = 0  # leases taken over or lost, for metrics and tests
+        self.instances = 1  # live instances sharing the work (the last round's count)
         self.settled = asyncio.Event()  # the first round is done (tests, benchmarks)
         self._crashed: list[asyncio.Task[None]] = []  # work that raised: run() raises it
         self._woken = asyncio.Event()
@@ -111,20 +115,40 @@ class Leases:
             await self._stop_all()
             names = list(self.held)
             self.held.clear()
-            if names:
-                try:
-                    await self.db.run(store.release_leases, names, self.holder)
-                except UNAVAILABLE:
-                    logger.warning("could not release leases; they expire by themselves")
+            try:
+                await self.db.run(store.release_leases, names, self.holder, leaving=True)
+            except UNAVAILABLE:
+                logger.warning("could not release leases; they expire by themselves")
 
     async def _round(self, stop: asyncio.Event) -> None:
+        """One transaction renews ours, takes free ones up to our share and names the ones
+        beyond it; then the work follows: started, restarted under a new token, stopped."""
+        started = time.monotonic()
+        until = datetime.now(UTC) + timedelta(seconds=self.seconds)
+        plan = await self.db.run(store.lease_round, self.holder, list(self._work), until)
+        self.instances = plan.instances
+        for name in plan.surplus:  # renewed just now: stop the work, then hand it over
+            self.valid_until[name] = started + self.seconds
+            if name in self._running:
+                await self._stop(name)
+            self.held.pop(name, None)
+            self.changes += 1
+            metrics.LEASE_CHANGES.inc()
+            logger.info("handing lease %s over (%d instances share it)", name, plan.instances)
+        if plan.surplus:
+            await self.db.run(store.release_leases, plan.surplus, self.holder)
+            for name in plan.surplus:
+                self.valid_until.pop(name, None)
         for name, work in self._work.items():
-            held = await self.take(name)
+            if name in plan.surplus:
+                continue
+            token = plan.held.get(name)
             running = self._running.get(name)
             if running is not None and running[0].done():
                 self._running.pop(name)
                 running = None
-            if held is None:
+            if token is None:
+                self.valid_until.pop(name, None)
                 if name in self.held:
                     self.held.pop(name)
                     self.changes += 1
@@ -133,11 +157,13 @@ class Leases:
                 if running is not None:
                     await self._stop(name)
                 continue
+            self.valid_until[name] = started + self.seconds
+            held = Held(name, self.holder, token)
             if name not in self.held:
                 self.changes += 1
                 metrics.LEASE_CHANGES.inc()
-                logger.info("took lease %s (token %d)", name, held.token)
-            elif self.held[name].token != held.token and running is not None:
+                logger.info("took lease %s (token %d)", name, token)
+            elif self.held[name].token != token and running is not None:
                 # Our lease had expired (a long pause): the work restarts under the new token.
                 await self._stop(name)
                 running = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -378,6 +379,9 @@ def muted_addresses(session: Session) -> set[str]:
     return set(session.scalars(select(Mute.address)))
 
 
+ADDRESS_MAX = 320  # mute.address: RFC 5321's 64 + 1 + 255
+
+
 def add_mute(session: Session, address: str, user_id: int | None) -> bool:
     """Mute a sender; False when it was muted already."""
     added = session.scalar(
@@ -732,6 +736,18 @@ def finish_job(session: Session, job_id: int, status: str, error: str = "") -> N
     _release(session, "job", [job_id])
 
 
+def give_back_job(session: Session, job_id: int) -> None:
+    """A job this process stopped before it ended (the service is stopping): pending again,
+    for the next start or another instance, at once."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(status="pending", finished_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    _release(session, "job", [job_id])
+
+
 def requeue_running_jobs(session: Session) -> int:
     """At start: running jobs a crash interrupted (their process is gone, or their claim
     expired) are pending again. Jobs another live instance runs keep their claim."""
@@ -910,6 +926,78 @@ def take_lease(session: Session, name: str, holder: str, until: datetime) -> int
     return None
 
 
+INSTANCE = "instance:"  # lease rows that only say "this instance is alive" (lease_round)
+_FREE = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class LeasePlan:
+    """One lease round's outcome for one instance."""
+
+    held: dict[str, int]  # lease name -> fencing token: the work to run here now
+    surplus: tuple[str, ...]  # ours beyond our share (renewed): stop that work, then release
+    instances: int  # live instances sharing this work, this one included
+
+
+def lease_round(session: Session, holder: str, names: Sequence[str], until: datetime) -> LeasePlan:
+    """Renew our leases, take free ones, and say which of ours to hand over, in one
+    transaction, so that the work `names` spreads evenly over the live instances.
+
+    Every instance keeps an `instance:<work digest>:<holder>` row alive; instances with the
+    same work (the same digest) share it: each holds at most ceil(work / live instances).
+    A lease is free when it expired or its holder ran on this host and is gone. A lease that
+    expired gets a new token, even for its last holder.
+    """
+    now = utcnow()
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:12]
+    peers = f"{INSTANCE}{digest}:"
+    beat = session.get(Lease, peers + holder, with_for_update=True)
+    if beat is None:
+        session.add(Lease(name=peers + holder, holder=holder, token=1, expires_at=until))
+    else:
+        beat.expires_at = until
+    session.execute(  # instances that died long ago
+        delete(Lease)
+        .where(Lease.name.startswith(INSTANCE), Lease.expires_at < now - timedelta(hours=1))
+        .execution_options(synchronize_session=False)
+    )
+    beats = session.scalars(
+        select(Lease.holder).where(Lease.name.startswith(peers), Lease.expires_at > now)
+    )
+    instances = len({h for h in beats if h == holder or not claimer_gone(h)} | {holder})
+    share = -(-len(names) // instances)
+    # Rows for our work, locked in name order (two instances' rounds never deadlock).
+    locked = select(Lease).where(Lease.name.in_(names)).order_by(Lease.name).with_for_update()
+    rows = {row.name: row for row in session.scalars(locked)}
+    if len(rows) < len(names):
+        missing = [{"name": n, "holder": "", "token": 0, "expires_at": _FREE} for n in names]
+        session.execute(
+            _insert(session, Lease)
+            .values([m for m in missing if m["name"] not in rows])
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        rows = {row.name: row for row in session.scalars(locked)}
+    mine: list[Lease] = []
+    free: list[Lease] = []
+    for name in names:  # in the order the work was added: the first ones stay put
+        row = rows[name]
+        if as_utc(row.expires_at) > now and row.holder == holder:
+            mine.append(row)
+        elif as_utc(row.expires_at) <= now or claimer_gone(row.holder):
+            free.append(row)
+    keep, surplus = mine[:share], mine[share:]
+    taken = free[: max(0, share - len(keep))]
+    for row in keep + surplus:
+        row.expires_at = until
+    for row in taken:
+        row.holder, row.token, row.expires_at = holder, row.token + 1, until
+    return LeasePlan(
+        held={row.name: row.token for row in keep + taken},
+        surplus=tuple(row.name for row in surplus),
+        instances=instances,
+    )
+
+
 def holds_lease(session: Session, name: str, holder: str, token: int) -> bool:
     """Fencing: True when this holder still has the lease under this token and it is valid."""
     row = session.get(Lease, name)
@@ -921,11 +1009,22 @@ def holds_lease(session: Session, name: str, holder: str, token: int) -> bool:
     )
 
 
-def release_leases(session: Session, names: Sequence[str], holder: str) -> None:
-    """A clean stop: our leases expire now, so another instance takes over at once."""
+def release_leases(
+    session: Session, names: Sequence[str], holder: str, *, leaving: bool = False
+) -> None:
+    """Our leases `names` expire now, so that another instance takes them at once (a clean
+    stop, or work handed over); `leaving`: this instance no longer counts as alive either."""
+    now = utcnow()
     for row in session.scalars(select(Lease).where(Lease.name.in_(names))):
         if row.holder == holder:
-            row.expires_at = utcnow()
+            row.expires_at = now
+    if leaving:
+        session.execute(
+            update(Lease)
+            .where(Lease.name.startswith(INSTANCE), Lease.holder == holder)
+            .values(expires_at=now)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def lease_holders(session: Session) -> dict[str, str]:

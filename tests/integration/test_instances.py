@@ -1,5 +1,6 @@
-"""Several `mailbridge run` processes on one database: each mail posted once, each outbox item
-sent once, one Telegram poller, and a dead instance's work taken over within the lease."""
+"""Several `mailbridge run` processes on one database: the work shared between them, each mail
+posted once, each outbox item sent once, one Telegram poller, and a dead instance's work taken
+over within the lease."""
 
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ async def test_two_instances_share_one_database_and_take_over(
         await first.wait_line(r"first contact with default/INBOX")
         second = await start(env)
         await second.wait_line(r"mailbridge running")
+        # Two pieces of work, two instances: one each. The first keeps polling Telegram (the
+        # work added first moves least) and hands the folder over.
+        await first.wait_line(r"handing lease folder:default/INBOX over \(2 instances")
+        await second.wait_line(r"took lease folder:default/INBOX")
         # Two instances, one mailbox: every mail once, and one outbox item sent once.
         subjects = [f"Shared {n}" for n in range(4)]
         for subject in subjects:
@@ -69,20 +74,20 @@ async def test_two_instances_share_one_database_and_take_over(
         await wait_mails(botapi, subjects)
         botapi.send_user_message(OWNER, OWNER, "/send ann@example.org Once\nOnly once.")
         await answer_containing(botapi, "Sent to")
-        assert not any("took lease folder:" in line for line in second.lines)
+        assert not any("took lease telegram:updates" in line for line in second.lines)
         both_alive_conflicts = conflicts(botapi)
-        # The instance doing the work dies without a word; within the lease the other one
-        # watches the folder, polls Telegram and sends the outbox.
+        # The instance polling Telegram dies without a word; within the lease the other one
+        # polls Telegram and sends the outbox, and still watches the folder.
         first.kill()
         killed = time.monotonic()
         dovecot.append(mail_user.name, mail_user.password, mail("After the crash"))
         try:
-            await second.wait_line(r"took lease folder:default/INBOX", timeout=LEASE * 4)
+            await second.wait_line(r"took lease telegram:updates", timeout=LEASE * 4)
+            took_over = time.monotonic() - killed
             await wait_mails(botapi, ["After the crash"], timeout=LEASE * 4)
         except (AssertionError, TimeoutError) as exc:
             survivor = "\n".join(second.lines)
             raise AssertionError(f"{exc}; the survivor logged:\n{survivor}") from None
-        took_over = time.monotonic() - killed
         botapi.send_user_message(OWNER, OWNER, "/send bob@example.org Later\nStill works.")
         await answer_containing(botapi, "Sent to bob@example.org", timeout=LEASE * 4)
         assert await second.stop() == 0
@@ -93,7 +98,7 @@ async def test_two_instances_share_one_database_and_take_over(
     for subject in [*subjects, "After the crash"]:
         assert times_posted(botapi, subject) == 1, subject
     assert sorted(m.rcpt_tos[0] for m in smtpd.received) == ["ann@example.org", "bob@example.org"]
-    assert both_alive_conflicts == 0  # one poller while both ran
+    assert both_alive_conflicts == 0  # one poller while both ran, also across the handover
     assert conflicts(botapi) <= 1  # at most the dead instance's open getUpdates
     assert took_over < LEASE * 2 + 2, f"took {took_over:.1f} s to take over"
 

@@ -546,3 +546,70 @@ async def test_persist_retries_a_locked_database(tmp_path: Path) -> None:
     await asyncio.wait_for(write, 10)
     assert db.call(store.get_mailbox, account, "INBOX").last_uid == 9
     engine.dispose()
+
+
+# --- Leases shared by several instances (store.lease_round) ---
+
+WORK = [f"folder:home/F{n:02d}" for n in range(10)]
+
+
+def _round(db: Database, holder: str, names: list[str] = WORK, seconds: float = 30):
+    until = datetime.now(UTC) + timedelta(seconds=seconds)
+    return db.call(store.lease_round, holder, names, until)
+
+
+def _hand_over(db: Database, holder: str, plan: store.LeasePlan) -> None:
+    if plan.surplus:
+        db.call(store.release_leases, plan.surplus, holder)
+
+
+def test_lease_rounds_spread_the_work_evenly_and_hand_it_over_cleanly(db: Database) -> None:
+    a, b, c = "elsewhere:1-1-aa", "elsewhere:1-2-bb", "elsewhere:1-3-cc"
+    alone = _round(db, a)
+    assert sorted(alone.held) == WORK and alone.instances == 1
+    # b arrives: there is nothing free yet, but a sees two instances and hands half over.
+    assert _round(db, b).held == {}
+    halved = _round(db, a)
+    assert (len(halved.held), len(halved.surplus), halved.instances) == (5, 5, 2)
+    _hand_over(db, a, halved)
+    assert len(_round(db, b).held) == 5
+    # c arrives: ceil(10 / 3) = 4 each at most, and every lease has one holder.
+    _round(db, c)
+    for holder in (a, b):
+        _hand_over(db, holder, _round(db, holder))
+    plans = {holder: _round(db, holder) for holder in (c, a, b)}
+    counts = sorted(len(p.held) for p in plans.values())
+    assert counts == [2, 4, 4] or counts == [3, 3, 4], counts
+    assert all(p.surplus == () for p in plans.values())
+    held = [name for p in plans.values() for name in p.held]
+    assert sorted(held) == WORK  # each once
+    # A handed-over lease gets a new fencing token: its old holder cannot write any more.
+    moved = next(iter(plans[c].held))
+    assert plans[c].held[moved] >= 2
+
+
+def test_a_dead_instances_share_goes_to_the_living(db: Database) -> None:
+    a, b = "elsewhere:1-1-aa", "elsewhere:1-2-bb"
+    _round(db, a, seconds=0.5)  # a takes all, then dies: its rows expire
+    _round(db, b)
+    time.sleep(0.6)  # the lease time passing is the condition under test
+    taken = _round(db, b)
+    assert sorted(taken.held) == WORK and taken.instances == 1
+
+
+def test_instances_with_other_work_do_not_count_as_peers(db: Database) -> None:
+    a, b = "elsewhere:1-1-aa", "elsewhere:1-2-bb"
+    _round(db, a)
+    other = _round(db, b, names=["folder:work/INBOX"])  # another configuration
+    assert other.instances == 1 and other.held == {"folder:work/INBOX": 1}
+    again = _round(db, a)
+    assert again.instances == 1 and again.surplus == ()  # a keeps all it can do
+
+
+def test_leaving_releases_the_instance_at_once(db: Database) -> None:
+    a, b = "elsewhere:1-1-aa", "elsewhere:1-2-bb"
+    _round(db, a)
+    _round(db, b)
+    assert _round(db, a).instances == 2
+    db.call(store.release_leases, [], b, leaving=True)
+    assert _round(db, a).instances == 1
