@@ -10,17 +10,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from telegram import Bot
 from telegram.error import TelegramError
 
 from bridge import metrics
 from bridge.config import AccountSettings, TelegramSettings
 from bridge.db import store
-from bridge.db.engine import Database
+from bridge.db.engine import UNAVAILABLE, Database
 from bridge.errors import (
     BridgeError,
-    DatabaseError,
     PermanentMailError,
     SignInNeeded,
     TemporaryMailError,
@@ -28,6 +27,7 @@ from bridge.errors import (
 from bridge.mail import smtp
 from bridge.mail.compose import OutgoingMail, build_message, envelope_recipients, make_message_id
 from bridge.mail.imap import append_sent
+from bridge.retry import wait_or_stop
 from bridge.telegram.errors import Verdict, classify, count
 
 if TYPE_CHECKING:
@@ -165,13 +165,13 @@ class Outbox:
                 # One item at a time: an item may hold a 20 MB mail.
                 due = await self.db.run(store.due_outbox, datetime.now(UTC), 1)
                 for item in due:
-                    await self._attempt(item)
+                    await self._attempt(item, stop)
                     if stop.is_set():
                         return
                 if due:
                     continue
                 delay = await self._idle_delay()
-            except (OperationalError, DatabaseError) as exc:
+            except UNAVAILABLE as exc:
                 logger.error("outbox: database unusable (%s); retrying", exc)
                 delay = IDLE_CHECK
             await self._sleep(stop, delay)
@@ -193,7 +193,7 @@ class Outbox:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _attempt(self, item: store.OutgoingRecord) -> None:
+    async def _attempt(self, item: store.OutgoingRecord, stop: asyncio.Event) -> None:
         # Items stored before accounts existed have none: they leave through the first one.
         account = self._first if item.account is None else self._accounts.get(item.account)
         if account is None:
@@ -201,7 +201,7 @@ class Outbox:
             await self.db.persist(store.mark_outbox, item.id, "failed", error=error)
             metrics.OUTBOX_FAILED.labels(account=item.account or "").inc()
             logger.warning("outbox item %d failed: %s", item.id, error)
-            await self._tell(item, f"❌ Not sent: {error}.")
+            await self._tell(item, f"❌ Not sent: {error}.", stop)
             return
 
         async def record_sent(answer: str) -> None:
@@ -217,28 +217,32 @@ class Outbox:
             )
         except (TemporaryMailError, SignInNeeded) as exc:
             # An account that must sign in again keeps its mail until it has (or 24 h pass).
-            await self._retry_or_fail(item, str(exc))
+            await self._retry_or_fail(item, str(exc), stop)
             return
         except PermanentMailError as exc:
             await self.db.persist(store.mark_outbox, item.id, "failed", error=str(exc))
             metrics.OUTBOX_FAILED.labels(account=account.name).inc()
             logger.warning("outbox item %d failed: %s", item.id, exc)
-            await self._tell(item, f"❌ Not sent: {exc}")
+            await self._tell(item, f"❌ Not sent: {exc}", stop)
             return
         metrics.OUTBOX_SENT.labels(account=account.name).inc()
         logger.info("outbox item %d sent", item.id)
-        await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}")
+        await self._tell(item, f"✅ Sent to {', '.join(item.recipients)}: {item.subject}", stop)
         if account.imap.save_sent:
             try:
                 await append_sent(account.imap, item.raw, signed_in)
             except BridgeError as exc:
                 logger.warning("could not save a copy in the Sent folder: %s", exc)
 
-    async def _retry_or_fail(self, item: store.OutgoingRecord, error: str) -> None:
+    async def _retry_or_fail(
+        self, item: store.OutgoingRecord, error: str, stop: asyncio.Event
+    ) -> None:
         if datetime.now(UTC) - item.created_at > GIVE_UP_AFTER:
             await self.db.run(store.mark_outbox, item.id, "failed", error=error)
             metrics.OUTBOX_FAILED.labels(account=item.account or self._first.name).inc()
-            await self._tell(item, f"❌ Not sent after {item.attempts + 1} attempts: {error}")
+            await self._tell(
+                item, f"❌ Not sent after {item.attempts + 1} attempts: {error}", stop
+            )
             return
         delay = min(MAX_RETRY_DELAY, 5.0 * 2**item.attempts)
         next_at = datetime.now(UTC) + timedelta(seconds=delay)
@@ -247,10 +251,14 @@ class Outbox:
         )
         logger.warning("outbox item %d: %s; retrying in %.0f s", item.id, error, delay)
         if item.attempts == 0:
-            await self._tell(item, f"⏳ Not sent yet ({error}); I will keep trying.")
+            await self._tell(item, f"⏳ Not sent yet ({error}); I will keep trying.", stop)
 
-    async def _tell(self, item: store.OutgoingRecord, text: str) -> None:
-        """Tell the chat the outcome: a report, so a few tries, never a reason to stop."""
+    async def _tell(self, item: store.OutgoingRecord, text: str, stop: asyncio.Event) -> None:
+        """Tell the chat the outcome: a report, so a few tries, never a reason to stop.
+
+        Waits between tries (a flood wait, capped) end when stop is set: the report is then
+        only logged, the item's state is in the database already.
+        """
         chat_id = item.chat_id
         for _attempt in range(3):
             if chat_id is None:
@@ -264,7 +272,8 @@ class Outbox:
             if failure.verdict is Verdict.MIGRATED:
                 chat_id = failure.new_chat_id  # the group became a supergroup
             elif failure.verdict in (Verdict.RETRY_AFTER, Verdict.TRANSIENT):
-                await asyncio.sleep(min(failure.delay or 2.0, 30.0))
+                if await wait_or_stop(stop, min(failure.delay or 2.0, 30.0)):
+                    break
             else:
                 break
         logger.warning("could not report outbox item %d to the chat: %s", item.id, failure.reason)

@@ -10,15 +10,15 @@ a job a crash interrupted is done after the restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-from sqlalchemy.exc import OperationalError
-from telegram import Bot, InputFile, LinkPreviewOptions
+from telegram import Bot, InputFile, LinkPreviewOptions, Message
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, TelegramError
 
@@ -26,11 +26,13 @@ from bridge import actions
 from bridge.chat_to_mail import Outbox
 from bridge.config import AccountSettings, TelegramSettings
 from bridge.db import store
-from bridge.db.engine import Database
+from bridge.db.engine import UNAVAILABLE, Database, unavailable_reason
 from bridge.delivery import ChatLocks
 from bridge.errors import BridgeError, ConfigError, DatabaseError
 from bridge.mail.compose import InvalidMail, OutgoingMail, forward_subject, parse_addresses
 from bridge.mail.summary import MAX_MESSAGE, format_size, split_text
+from bridge.retry import Stopped
+from bridge.telegram.errors import call_through_floods
 from bridge.telegram.keyboards import STATE_LINES, attachment_keyboard, summary_keyboard
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from bridge.oauth import AccessTokens
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONCURRENCY = 4
 FEW_MESSAGES = 3  # a longer full text goes as a document
@@ -70,6 +73,7 @@ class JobRunner:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self.idle = asyncio.Event()  # nothing pending or running (tests)
+        self._stop = asyncio.Event()  # run()'s: ends the flood waits of the jobs
 
     def wake(self) -> None:
         """A job was stored."""
@@ -77,16 +81,21 @@ class JobRunner:
         self._wakeup.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Do jobs until stop is set; the ones running then are finished first."""
-        await self.db.run(store.requeue_running_jobs)
+        """Do jobs until stop is set; the ones running then are finished first (or given
+        back, when one waits out a Telegram flood wait: it runs again after the restart)."""
+        self._stop = stop
+        try:
+            await self.db.run(store.requeue_running_jobs)
+        except UNAVAILABLE as exc:  # a dead process's jobs are taken when their claim ends
+            logger.warning("jobs: database unusable at start (%s)", unavailable_reason(exc))
         running: set[asyncio.Task[None]] = set()
         while not stop.is_set():
             self._wakeup.clear()
             try:
                 free = CONCURRENCY - len(running)
                 jobs = await self.db.run(store.claim_jobs, free) if free > 0 else []
-            except (OperationalError, DatabaseError) as exc:
-                logger.error("jobs: database unusable (%s); retrying", exc)
+            except UNAVAILABLE as exc:
+                logger.error("jobs: database unusable (%s); retrying", unavailable_reason(exc))
                 jobs = []
             for job in jobs:
                 task = asyncio.create_task(self._do(job))
@@ -108,19 +117,28 @@ class JobRunner:
             await asyncio.wait(running)
 
     async def _do(self, job: store.JobRecord) -> None:
-        """One job; a BridgeError becomes one line in the chat, anything else is logged."""
+        """One job; a BridgeError becomes one line in the chat, anything else is logged (with
+        its traceback); a job stopped in a flood wait is given back, to run again."""
         status, error = "done", ""
         try:
             await self._dispatch(job)
+        except Stopped:
+            status = "pending"
+            logger.info("job %d (%s) stopped in a flood wait; it runs again", job.id, job.kind)
         except BridgeError as exc:
             status, error = "failed", str(exc)
-            await self._say(job, f"⚠️ {exc}")
+            with contextlib.suppress(Stopped):
+                await self._say(job, f"⚠️ {exc}")
         except Exception:
             status, error = "failed", "internal error"
             logger.exception("job %d (%s) failed", job.id, job.kind)
-            await self._say(job, "⚠️ That did not work; the bridge's log has the details.")
+            with contextlib.suppress(Stopped):
+                await self._say(job, "⚠️ That did not work; the bridge's log has the details.")
         try:
-            await self.db.persist(store.finish_job, job.id, status, error)
+            if status == "pending":
+                await self.db.persist(store.give_back_job, job.id)
+            else:
+                await self.db.persist(store.finish_job, job.id, status, error)
         except DatabaseError:
             logger.exception("could not record the end of job %d", job.id)
 
@@ -165,6 +183,11 @@ class JobRunner:
             await self._forward(job, account, here, shown)
         else:
             raise BridgeError(f"unknown job kind {job.kind!r}")
+
+    async def through_floods(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A Bot API call, its flood waits (429) waited out; Stopped when run()'s stop is set
+        meanwhile (_do gives the job back)."""
+        return await call_through_floods(call, self._stop)
 
     def tokens_for(self, account: AccountSettings) -> TokenSource | None:
         """The account's OAuth2 tokens (None for a password login)."""
@@ -211,17 +234,21 @@ class JobRunner:
             text = f"{text}\n\n<b>{line}</b>" if len(text) + len(line) < MAX_MESSAGE - 20 else text
         try:
             if text and (state or shown.state):
-                await self.bot.edit_message_text(
-                    text,
-                    chat_id=job.chat_id,
-                    message_id=job.message_id,
-                    parse_mode=ParseMode.HTML,
-                    reply_markup=keyboard,
-                    link_preview_options=LinkPreviewOptions(is_disabled=True),
+                await self.through_floods(
+                    lambda: self.bot.edit_message_text(
+                        text,
+                        chat_id=job.chat_id,
+                        message_id=job.message_id,
+                        parse_mode=ParseMode.HTML,
+                        reply_markup=keyboard,
+                        link_preview_options=LinkPreviewOptions(is_disabled=True),
+                    )
                 )
             else:
-                await self.bot.edit_message_reply_markup(
-                    chat_id=job.chat_id, message_id=job.message_id, reply_markup=keyboard
+                await self.through_floods(
+                    lambda: self.bot.edit_message_reply_markup(
+                        chat_id=job.chat_id, message_id=job.message_id, reply_markup=keyboard
+                    )
                 )
         except BadRequest as exc:
             if "not modified" not in exc.message.lower():
@@ -280,17 +307,21 @@ class JobRunner:
                 await actions.save_part(
                     account.imap, here, part, handle, tokens=self.tokens_for(account)
                 )
-                handle.seek(0)
-                # read_file_handle=False: PTB streams the file instead of reading it whole.
-                document = InputFile(handle, filename=name, read_file_handle=False)
-                await self.bot.send_document(
-                    job.chat_id,
-                    document,
-                    reply_to_message_id=job.message_id,
-                    message_thread_id=job.thread_id,
-                    read_timeout=600,
-                    write_timeout=600,
-                )
+
+                async def upload() -> Message:
+                    handle.seek(0)  # again after a flood wait: the last try read it
+                    # read_file_handle=False: PTB streams the file instead of reading it whole.
+                    document = InputFile(handle, filename=name, read_file_handle=False)
+                    return await self.bot.send_document(
+                        job.chat_id,
+                        document,
+                        reply_to_message_id=job.message_id,
+                        message_thread_id=job.thread_id,
+                        read_timeout=600,
+                        write_timeout=600,
+                    )
+
+                await self.through_floods(upload)
 
     async def _forward(
         self,
@@ -323,12 +354,14 @@ class JobRunner:
         )
 
     async def _document(self, job: store.JobRecord, data: bytes, name: str, caption: str) -> None:
-        await self.bot.send_document(
-            job.chat_id,
-            InputFile(data, filename=name),
-            caption=caption,
-            reply_to_message_id=job.message_id,
-            message_thread_id=job.thread_id,
+        await self.through_floods(
+            lambda: self.bot.send_document(
+                job.chat_id,
+                InputFile(data, filename=name),
+                caption=caption,
+                reply_to_message_id=job.message_id,
+                message_thread_id=job.thread_id,
+            )
         )
 
     async def _say(
@@ -339,17 +372,20 @@ class JobRunner:
         parse_mode: str | None = None,
         markup: object = None,
     ) -> None:
-        """A reply to the message the job came from; a chat that fails is only logged."""
+        """A reply to the message the job came from; a chat that fails is only logged (a
+        flood wait is waited out: Stopped when the service stops meanwhile)."""
         try:
-            await self.bot.send_message(
-                job.chat_id,
-                text,
-                parse_mode=parse_mode,
-                reply_to_message_id=job.message_id,
-                message_thread_id=job.thread_id,
-                reply_markup=markup,  # type: ignore[arg-type]
-                allow_sending_without_reply=True,
-                link_preview_options=LinkPreviewOptions(is_disabled=True),
+            await self.through_floods(
+                lambda: self.bot.send_message(
+                    job.chat_id,
+                    text,
+                    parse_mode=parse_mode,
+                    reply_to_message_id=job.message_id,
+                    message_thread_id=job.thread_id,
+                    reply_markup=markup,  # type: ignore[arg-type]
+                    allow_sending_without_reply=True,
+                    link_preview_options=LinkPreviewOptions(is_disabled=True),
+                )
             )
         except TelegramError as exc:
             logger.warning("could not answer job %d in chat %s: %s", job.id, job.chat_id, exc)

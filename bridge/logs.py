@@ -101,6 +101,9 @@ def setup_logging(
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # With max_retries=0 (telegram/bot.py) PTB's limiter logs every 429 at ERROR with a
+    # traceback before raising it; the caller waits it out and counts it (metrics).
+    logging.getLogger("telegram.ext.AIORateLimiter").setLevel(logging.CRITICAL)
 
 
 def mask_secrets(secrets: Iterable[str]) -> Callable[[], None]:

@@ -171,7 +171,7 @@ class FolderWatcher:
                     if session.can_idle:
                         await session.idle_wait(stop)
                     elif await wait_or_stop(stop, self.account.imap.poll_interval):
-                        return
+                        break
                     else:
                         await session.noop()
             except Stopped:
@@ -383,7 +383,7 @@ class FolderPoller:
                         watcher.database_back()
                     waits.reset()
                     if await wait_or_stop(stop, self.account.imap.poll_interval):
-                        return
+                        break
             except (Stopped, LeaseLost):
                 break
             except MailError as exc:

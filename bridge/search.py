@@ -118,14 +118,16 @@ async def run_search(runner: JobRunner, job: store.JobRecord) -> None:
     ]
     # Held from send to record: a press on a result button waits for its rows (open.py).
     async with runner.locks[job.chat_id]:
-        sent = await runner.bot.send_message(
-            job.chat_id,
-            text,
-            parse_mode=ParseMode.HTML,
-            reply_to_message_id=job.message_id,
-            message_thread_id=job.thread_id,
-            allow_sending_without_reply=True,
-            reply_markup=open_keyboard(buttons) if buttons else None,
+        sent = await runner.through_floods(
+            lambda: runner.bot.send_message(
+                job.chat_id,
+                text,
+                parse_mode=ParseMode.HTML,
+                reply_to_message_id=job.message_id,
+                message_thread_id=job.thread_id,
+                allow_sending_without_reply=True,
+                reply_markup=open_keyboard(buttons) if buttons else None,
+            )
         )
         for mail_id, _label in buttons:
             await runner.db.run(

@@ -32,13 +32,17 @@ T = TypeVar("T")
 UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DatabaseError)
 
 # libpq: give up a connection attempt after 10 s, and notice a peer that vanished without a
-# word (a host power cut, a dropped route) by TCP keepalives within about a minute.
-_POSTGRES_CONNECT = {
+# word (a host power cut, a dropped route) by TCP keepalives within about a minute. The server
+# ends a session that sits in a transaction for 10 s (the bridge's take milliseconds): an
+# instance frozen mid-transaction (SIGSTOP, a VM paused) must not hold row locks that every
+# other instance waits for.
+_POSTGRES_CONNECT: dict[str, Any] = {
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
+    "options": "-c idle_in_transaction_session_timeout=10000",
 }
 
 
@@ -60,7 +64,13 @@ def make_engine(url: str) -> Engine:
     """Create the engine; for SQLite create its folder and an owner-only file, and use WAL."""
     parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
-        engine = create_engine(parsed, pool_pre_ping=True, connect_args=_POSTGRES_CONNECT)
+        # What the URL sets itself (?connect_timeout=…) wins; its ?options= are kept.
+        connect: dict[str, Any] = {
+            k: v for k, v in _POSTGRES_CONNECT.items() if k not in parsed.query
+        }
+        if "options" in parsed.query:
+            connect["options"] = f"{parsed.query['options']} {_POSTGRES_CONNECT['options']}"
+        engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect)
         _count_statements(engine)
         return engine
     database = parsed.database

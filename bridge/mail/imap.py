@@ -20,7 +20,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from bridge.config import ImapSettings
-from bridge.errors import BridgeError, PermanentMailError, SignInNeeded, TemporaryMailError
+from bridge.errors import MailError, PermanentMailError, SignInNeeded, TemporaryMailError
 from bridge.mail.auth import TokenSource, with_token
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,16 @@ def _fetch_key(data: dict[bytes, Any], prefix: bytes) -> Any:
     return None
 
 
-def classify(exc: BaseException) -> Exception:
-    """Turn a library error into TemporaryMailError or PermanentMailError with one line."""
+# What the network or the server can cause under an IMAP call: socket, TLS and timeout errors
+# (OSError), a connection closed mid-line (EOFError), and imaplib's and imapclient's errors
+# (IMAPClientError is imaplib.IMAP4.error: abort and readonly included). Anything else raised
+# there is a bug of ours and propagates as it is, rather than becoming a reconnect loop.
+MAIL_FAILURES = (OSError, EOFError, IMAPClientError)
+
+
+def classify(exc: OSError | EOFError | IMAPClientError) -> MailError:
+    """Turn a network or protocol error (MAIL_FAILURES) into TemporaryMailError or
+    PermanentMailError with one line."""
     if isinstance(exc, LoginError):
         if _unavailable(exc):
             return TemporaryMailError(f"IMAP login failed for now: {_text(exc)}")
@@ -91,9 +99,7 @@ def classify(exc: BaseException) -> Exception:
         return PermanentMailError(f"IMAP TLS certificate not trusted: {exc.verify_message}")
     if isinstance(exc, TimeoutError):
         return TemporaryMailError("IMAP server timed out")
-    if isinstance(exc, OSError | IMAPClientError | EOFError):
-        return TemporaryMailError(f"IMAP connection failed: {_text(exc)}")
-    return TemporaryMailError(f"IMAP error: {_text(exc)}")
+    return TemporaryMailError(f"IMAP connection failed: {_text(exc)}")
 
 
 def _unavailable(exc: LoginError) -> bool:
@@ -181,12 +187,12 @@ class ImapSession:
         self._changed = False  # the server reported a change outside IDLE
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in a worker thread. A network or protocol error drops the connection and
+        comes out as a MailError; our own errors (MailError, or a bug) come out as they are."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
-        except (PermanentMailError, TemporaryMailError):
-            raise
-        except Exception as exc:
+        except MAIL_FAILURES as exc:
             await self.close()
             raise classify(exc) from exc
 
@@ -514,9 +520,7 @@ async def append_sent(
 
     try:
         return await _authenticated(settings, tokens, attempt)
-    except BridgeError:
-        raise
-    except Exception as exc:
+    except MAIL_FAILURES as exc:
         raise classify(exc) from exc
 
 
@@ -549,9 +553,7 @@ async def check_folders(
 
     try:
         return await _authenticated(settings, tokens, attempt)
-    except BridgeError:
-        raise
-    except Exception as exc:
+    except MAIL_FAILURES as exc:
         raise classify(exc) from exc
 
 
@@ -764,9 +766,9 @@ async def with_connection(
 ) -> T:
     """Log in on a fresh connection, run `work` on it in a worker thread, log out.
 
-    Errors `work` raises on purpose (BridgeError) pass through; library and network errors
-    become TemporaryMailError or PermanentMailError (classify()). `tokens`: the account's
-    OAuth2 tokens, for auth = "oauth2".
+    Network and protocol errors (MAIL_FAILURES) become TemporaryMailError or
+    PermanentMailError (classify()); anything else, a BridgeError `work` raises on purpose or a
+    bug, passes through as it is. `tokens`: the account's OAuth2 tokens, for auth = "oauth2".
     """
 
     def run(token: str | None) -> T:
@@ -783,7 +785,5 @@ async def with_connection(
 
     try:
         return await _authenticated(settings, tokens, attempt)
-    except BridgeError:
-        raise
-    except Exception as exc:
+    except MAIL_FAILURES as exc:
         raise classify(exc) from exc

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telegram import BotCommand, Update
+from telegram.error import RetryAfter
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -145,6 +146,11 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
                 )
             except Exception:  # the chat may be down too
                 logger.debug("could not report the wait to the chat", exc_info=True)
+        return
+    if isinstance(context.error, RetryAfter):
+        # A flood wait on a handler's own answer: the request itself was stored first (outbox,
+        # jobs), and answering "something went wrong" would meet the same wait.
+        logger.warning("Telegram asked to slow down; an answer in a chat was dropped")
         return
     logger.error("error while handling an update", exc_info=context.error)
     if isinstance(update, Update) and update.effective_message is not None:

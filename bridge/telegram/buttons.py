@@ -95,6 +95,9 @@ async def _mute(update: Update, db: Database, shown: store.ShownMail, user_id: i
     if not sender:
         await query.answer("This mail has no sender address to mute.")
         return
+    if len(sender) > store.ADDRESS_MAX:  # a malformed From; no real address is this long
+        await query.answer("This sender's address is too long to mute.")
+        return
     added = await db.run(store.add_mute, sender, user_id)
     await query.answer("Muted." if added else "Already muted.")
     await chat.send_message(

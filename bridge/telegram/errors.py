@@ -1,5 +1,6 @@
 """One reading of Telegram's errors for the watcher, the outbox and the bot: what to do next
-(and, for start-up calls, retrying until Telegram answers)."""
+(and two retries that a stop ends: start-up calls until Telegram answers, any call through
+its flood waits)."""
 
 from __future__ import annotations
 
@@ -151,4 +152,20 @@ async def call_until_answered(
             logger.warning("%s failed (%s); retrying", what, failure.reason)
         delay = failure.delay if failure.delay is not None else backoff.next()
         if await wait_or_stop(stop, delay):
+            raise Stopped
+
+
+async def call_through_floods(call: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:
+    """Call; while Telegram answers 429 (RetryAfter), wait what it asks and call again.
+
+    PTB's rate limiter does not retry (max_retries=0, telegram/bot.py): the flood wait is
+    waited here, where stop ends it with Stopped. Any other error is raised as it is.
+    """
+    while True:
+        try:
+            return await call()
+        except RetryAfter as exc:
+            failure = count(classify(exc))
+        logger.info("Telegram asks to wait: %s", failure.reason)
+        if await wait_or_stop(stop, failure.delay if failure.delay is not None else 1.0):
             raise Stopped

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from email.utils import make_msgid
 
 from bridge.db import store
@@ -95,6 +96,23 @@ def received_subjects(botapi, chat_id: int = OWNER) -> list[str]:
 def times_posted(botapi, subject: str, chat_id: int = OWNER) -> int:
     """How often the mail with exactly this subject reached the chat."""
     return received_subjects(botapi, chat_id).count(subject)
+
+
+def times_carried(
+    botapi, recorded: Mapping[int, Iterable[str]], chat_id: int = OWNER
+) -> Counter[str]:
+    """How many accepted messages carried each mail, counting the mails a combined message
+    does not name (it names only its newest COMBINED_LISTED).
+
+    `recorded` maps a Telegram message id to the mails (subjects) the bridge's database
+    recorded as delivered by that message: what a combined message carried beyond the names.
+    """
+    counts: Counter[str] = Counter()
+    for call in accepted(botapi, chat_id):
+        _count, named = carried(visible(call))
+        if named:
+            counts.update({*named, *recorded.get(int(call.result["message_id"]), ())})
+    return counts
 
 
 async def next_text(botapi, timeout: float = 10.0) -> str:

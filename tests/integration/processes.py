@@ -51,6 +51,23 @@ class Instance:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP: frozen with its sockets open and its pid alive (a long GC or VM pause)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        self.process.send_signal(signal.SIGCONT)
+
+    @property
+    def running(self) -> bool:
+        """Not exited (yet)."""
+        return self.process.returncode is None
+
+    def tail(self, n: int = 30) -> str:
+        """The last n stderr lines, for failure messages."""
+        return "\n".join(self.lines[-n:])
+
     async def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait (bounded); the exit status."""
         with contextlib.suppress(ProcessLookupError):

@@ -11,10 +11,12 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
+import time
 from pathlib import Path
 
 from tests.integration.chat import (
     accepted,
+    buttons,
     carried,
     mail,
     received_subjects,
@@ -24,13 +26,16 @@ from tests.integration.chat import (
     wait_until,
 )
 from tests.integration.conftest import OWNER, running
-from tests.servers.botapi import MAX_TEXT
+from tests.servers.botapi import MAX_TEXT, Call
 
 TEMPLATE = (
     b"From: Sender {i} <s{i}@example.org>\r\nTo: me@example.org\r\n"
     b"Subject: Burst mail {i}\r\nMessage-ID: <burst-{i}@example.org>\r\n\r\nBody {i}\r\n"
 )
 NEWS = "News <news@example.org>"
+STORY = "The whole story, in the mail's text."
+FLOOD_WAIT = 60  # seconds a 429 asks for: far longer than a stop may take
+STOP_BOUND = 5.0  # seconds a stop may take
 
 
 async def test_burst_of_300_becomes_one_digest(settings_for, dovecot, mail_user, botapi) -> None:
@@ -138,7 +143,7 @@ async def test_locked_database_delays_but_loses_nothing(
         blocker.close()
 
     def write_failure(record: logging.LogRecord) -> bool:
-        return record.name == "bridge.db.engine" and "write failed" in record.getMessage()
+        return record.name == "bridge.db.engine" and "database unusable" in record.getMessage()
 
     async with running(settings) as bridge:
         await bridge.ready()
@@ -176,3 +181,92 @@ async def test_locked_database_delays_but_loses_nothing(
     async with running(settings) as bridge:  # a restart posts none of them again
         await bridge.ready()
     assert received_subjects(botapi) == ["Locked out", "Accepted, then locked", "Unlocked"]
+
+
+async def refused_call(botapi, needle: str = "", timeout: float = 15.0) -> Call:
+    """The next sendMessage (with `needle` in its text) that flood control refused (bounded)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            call = await botapi.next_call("sendMessage", timeout=timeout)
+            if call.status == 429 and needle in str(call.params.get("text", "")):
+                return call
+
+
+def replies_to(botapi, message_id: int) -> list[Call]:
+    """The accepted messages that answer message `message_id`."""
+    found = []
+    for call in accepted(botapi):
+        reply = call.params.get("reply_parameters") or {}
+        answered = reply.get("message_id") or call.params.get("reply_to_message_id")
+        if answered is not None and int(answered) == message_id:
+            found.append(call)
+    return found
+
+
+async def first_reply(botapi, message_id: int, timeout: float = 15.0) -> Call:
+    """The first accepted message that answers message `message_id` (bounded wait)."""
+    async with asyncio.timeout(timeout):
+        while not replies_to(botapi, message_id):
+            await botapi.next_call("sendMessage", timeout=timeout, ok_only=True)
+    return replies_to(botapi, message_id)[0]
+
+
+async def full_text_button(botapi, dovecot, mail_user, subject: str) -> tuple[int, str]:
+    """Deliver a mail; its summary's message id and the callback data of its Full text button."""
+    dovecot.append(mail_user.name, mail_user.password, mail(subject, body=STORY))
+    await wait_mails(botapi, [subject])
+    (summary,) = [c for c in accepted(botapi) if carried(visible(c))[1] == [subject]]
+    (data,) = [data for label, data in buttons(summary) if "Full text" in label]
+    return int(summary.result["message_id"]), data
+
+
+async def test_a_short_flood_wait_on_a_buttons_answer_is_waited_out(
+    settings_for, dovecot, mail_user, botapi
+) -> None:
+    async with running(settings_for()) as bridge:
+        await bridge.ready()
+        message_id, full_text = await full_text_button(botapi, dovecot, mail_user, "Short wait")
+        botapi.fail("sendMessage", 429, retry_after=1)
+        botapi.press_button(OWNER, OWNER, message_id, full_text)
+        refused = await refused_call(botapi, STORY)
+        answer = await first_reply(botapi, message_id)
+    assert STORY in str(answer.params["text"])
+    assert answer.time - refused.time >= 1.0  # after the wait Telegram asked for
+    assert len(replies_to(botapi, message_id)) == 1
+
+
+async def test_a_long_flood_wait_on_a_buttons_answer_holds_up_no_stop(
+    settings_for, dovecot, mail_user, botapi
+) -> None:
+    settings = settings_for()
+    async with running(settings) as bridge:
+        await bridge.ready()
+        message_id, full_text = await full_text_button(botapi, dovecot, mail_user, "Long wait")
+        botapi.fail("sendMessage", 429, retry_after=FLOOD_WAIT)
+        botapi.press_button(OWNER, OWNER, message_id, full_text)
+        await refused_call(botapi, STORY)
+        started = time.monotonic()
+        await bridge.stop()
+        took = time.monotonic() - started
+    assert took < STOP_BOUND, f"the stop took {took:.1f} s during a {FLOOD_WAIT} s flood wait"
+    assert replies_to(botapi, message_id) == []
+    async with running(settings) as bridge:  # the job was given back: it is done now
+        answer = await first_reply(botapi, message_id)
+    assert STORY in str(answer.params["text"])
+    assert len(replies_to(botapi, message_id)) == 1
+
+
+async def test_a_long_flood_wait_on_an_outbox_report_holds_up_no_stop(
+    settings_for, botapi, smtpd
+) -> None:
+    async with running(settings_for(smtpd=smtpd, imap={"save_sent": False})) as bridge:
+        await bridge.ready()
+        botapi.fail("sendMessage", 429, count=1000, retry_after=FLOOD_WAIT)
+        botapi.send_user_message(OWNER, OWNER, "/send ann@example.org Flooded\nStill sent.")
+        await smtpd.next_message(timeout=15)
+        await refused_call(botapi, "Sent to")  # the outbox's report meets the flood
+        started = time.monotonic()
+        await bridge.stop()
+        took = time.monotonic() - started
+    assert took < STOP_BOUND, f"the stop took {took:.1f} s during a {FLOOD_WAIT} s flood wait"
+    assert len(smtpd.received) == 1

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
-from tests.integration.chat import mail, next_text
+from tests.integration.chat import mail, next_text, times_posted, wait_mails
 from tests.integration.conftest import OWNER
 from tests.integration.processes import make_env, one_line_error, service
 
 EXIT_BOUND = 15.0  # seconds from the cause to the exit
+FLOOD_WAIT = 60  # seconds a 429 asks for: far longer than a stop may take
+STOP_BOUND = 5.0  # seconds from SIGTERM to the exit
 
 
 async def exit_code(svc, bound: float = EXIT_BOUND) -> int:
@@ -125,3 +128,25 @@ async def test_a_busy_http_port_exits_1_with_one_line(
     assert code == 1, svc.stderr
     line = one_line_error(svc.stderr)
     assert line.startswith(f"mailbridge: BRIDGE_HTTP__LISTEN: cannot listen on {listen}"), line
+
+
+async def test_sigterm_during_a_flood_wait_ends_at_once_and_the_mail_waits(
+    tmp_path, dovecot, mail_user, ca, botapi
+) -> None:
+    env = make_env(dovecot=dovecot, user=mail_user, ca=ca, botapi=botapi)
+    async with service(env, tmp_path) as svc:
+        await svc.wait_for_line("first contact with")
+        botapi.fail("sendMessage", 429, retry_after=FLOOD_WAIT)
+        dovecot.append(mail_user.name, mail_user.password, mail("Behind a flood wait"))
+        refused = await botapi.next_call("sendMessage", timeout=EXIT_BOUND)
+        assert refused.status == 429
+        started = time.monotonic()
+        assert await svc.terminate(timeout=FLOOD_WAIT / 2) == 0
+        took = time.monotonic() - started
+    assert took < STOP_BOUND, f"SIGTERM took {took:.1f} s during a {FLOOD_WAIT} s flood wait"
+    assert "Traceback" not in svc.stderr  # PTB's limiter logs each 429 with one: kept quiet
+    assert not botapi.calls("sendMessage", ok_only=True)
+    async with service(env, tmp_path) as svc:  # the mail waited in the database
+        await wait_mails(botapi, ["Behind a flood wait"], timeout=EXIT_BOUND)
+        assert await svc.terminate() == 0
+    assert times_posted(botapi, "Behind a flood wait") == 1
