@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from telegram import Update
-from telegram.error import TelegramError
 from telegram.ext import Application
 from tornado.httpserver import HTTPServer
 from tornado.web import Application as WebApplication
@@ -26,9 +25,9 @@ from tornado.web import RequestHandler
 from bridge.config import TelegramSettings
 from bridge.db import store
 from bridge.db.engine import UNAVAILABLE, Database
-from bridge.retry import Backoff, wait_or_stop
+from bridge.retry import Stopped
 from bridge.telegram.bot import held_back
-from bridge.telegram.errors import Verdict, classify
+from bridge.telegram.errors import call_until_answered
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +114,15 @@ async def _register(
     secret: str,
     stop: asyncio.Event,
 ) -> None:
-    """setWebhook, retried while Telegram is unreachable (every instance sets the same)."""
-    backoff = Backoff()
-    while not stop.is_set():
-        try:
-            await application.bot.set_webhook(
+    """setWebhook, retried while Telegram is unreachable (every instance sets the same); a URL
+    Telegram refuses ends the service with its reason."""
+    try:
+        await call_until_answered(
+            "setWebhook",
+            lambda: application.bot.set_webhook(
                 url, secret_token=secret, allowed_updates=Update.ALL_TYPES
-            )
-            return
-        except TelegramError as exc:
-            failure = classify(exc)
-            if failure.verdict is Verdict.TOKEN:
-                raise
-            logger.warning("setWebhook failed (%s); retrying", failure.reason)
-        if await wait_or_stop(stop, backoff.next()):
-            return
+            ),
+            stop,
+        )
+    except Stopped:
+        return
