@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.errors import DatabaseError
@@ -59,6 +59,23 @@ def _sqlite_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _sqlite_transaction(engine: Engine) -> Iterator[Connection]:
+    """SQLite: one real transaction around every migration. Python's sqlite3 runs DDL outside
+    any transaction (it begins one only before INSERT/UPDATE/DELETE), so a process killed
+    mid-migration would leave tables behind without their revision, and every later start would
+    fail ("table already exists"). With the driver's own transaction handling off, BEGIN and
+    COMMIT are ours: a kill rolls the whole upgrade back."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.exec_driver_sql("ROLLBACK")
+            raise
+        connection.exec_driver_sql("COMMIT")
+
+
 def migrated(engine: Engine) -> bool:
     """True when the database is already at the newest revision this code ships, read with
     one query and the revision files' names: `mailbridge run` then never loads Alembic (about
@@ -85,10 +102,8 @@ def upgrade_to_head(engine: Engine) -> str:
 
     config = alembic_config(engine)
     script = ScriptDirectory.from_config(config)
-    with _sqlite_lock(engine), engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # Instances started together: one migrates, the others wait here, then find head.
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+
+    def upgrade(connection: Connection) -> None:
         current = MigrationContext.configure(connection).get_current_heads()
         known = {rev.revision for rev in script.walk_revisions()}
         unknown = [rev for rev in current if rev not in known]
@@ -99,6 +114,18 @@ def upgrade_to_head(engine: Engine) -> str:
             )
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+    if engine.dialect.name == "sqlite":
+        with _sqlite_lock(engine), _sqlite_transaction(engine) as connection:
+            upgrade(connection)
+    else:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Instances started together: one migrates, the others wait, then find head.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                )
+            upgrade(connection)
     head = script.get_current_head() or ""
     logger.info("database at revision %s", head)
     return head

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sqlalchemy
 from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
@@ -34,6 +35,21 @@ def test_every_revision_applies_and_models_do_not_drift(engine: Engine) -> None:
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.check(config)  # raises if autogenerate would produce a new revision
+
+
+def test_an_upgrade_that_fails_midway_leaves_nothing_behind(engine: Engine) -> None:
+    # The first revision creates mailbox, posted_mail, then posted_summary: a table in the way
+    # of the last makes it fail after the others were created (as a kill mid-migration would).
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE posted_summary (x INTEGER)"))
+    with pytest.raises(Exception, match="posted_summary"):
+        upgrade_to_head(engine)
+    with engine.connect() as conn:
+        tables = set(sqlalchemy.inspect(conn).get_table_names())
+    assert tables == {"posted_summary"}  # mailbox and posted_mail were rolled back
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE posted_summary"))
+    assert upgrade_to_head(engine) == "0006"  # the next start migrates as if nothing happened
 
 
 def test_upgrade_is_idempotent(engine: Engine) -> None:
