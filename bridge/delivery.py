@@ -46,6 +46,7 @@ GROUP_WINDOW = 60.0
 # Spacing in a group stays at the chat interval until this many went out in the last minute.
 GROUP_RELAXED = 10
 RECHECK = 30.0  # how often postponed deliveries are looked at again
+CONTENDED_RECHECK = 1.0  # a chat another instance serves: asked for again this soon
 MAX_POSTPONE = 3600.0
 BATCH_LOAD = 2000
 TOPIC_PREFIX = "#"  # a topic given by thread id is stored as "#42"; a name as itself
@@ -167,8 +168,8 @@ class Delivery:
                         # One instance serves a chat at a time: its pacing and order hold.
                         if await self._lease(chat_id):
                             self._workers[chat_id] = group.create_task(self._serve(chat_id, stop))
-                        else:  # another instance serves it: look again when its lease may end
-                            timeout = min(timeout, self.leases.seconds / 3)
+                        else:  # another instance serves it now and gives it up when done
+                            timeout = min(timeout, CONTENDED_RECHECK)
                 except UNAVAILABLE as exc:
                     logger.warning(
                         "delivery: database unusable (%s); retrying", unavailable_reason(exc)
@@ -231,6 +232,9 @@ class Delivery:
                 "delivery to chat %s failed unexpectedly", chat_id, extra={"chat": chat_id}
             )
         finally:
+            # Nothing due: the chat is free for whichever instance records its next mail (the
+            # pacing lives in the database), instead of waiting for this lease to run out.
+            await self.leases.release(f"chat:{chat_id}")
             del self._workers[chat_id]
             self._wakeup.set()  # rows may have arrived after the last look
 

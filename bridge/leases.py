@@ -92,6 +92,17 @@ class Leases:
             self.held[name] = held  # released with the rest at a clean stop
         return held
 
+    async def release(self, name: str) -> None:
+        """Give up a lease taken with take() now, so that another instance may take it at once
+        (it expires by itself when the database cannot be reached)."""
+        self.valid_until.pop(name, None)
+        if self.held.pop(name, None) is None:
+            return
+        try:
+            await self.db.run(store.release_leases, [name], self.holder)
+        except UNAVAILABLE:
+            logger.debug("could not release lease %s; it expires by itself", name)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Take, renew and release leases until stop is set; start and stop the work."""
         try:
