@@ -100,8 +100,11 @@ def _count_statements(engine: Engine) -> None:
     """Count every statement sent (mailbridge_db_statements on /metrics)."""
 
     @event.listens_for(engine, "before_cursor_execute")
-    def _count(*_args: Any) -> None:
-        metrics.DB_STATEMENTS.inc()
+    def _count(*args: Any) -> None:
+        # (conn, cursor, statement, parameters, context, executemany): an executemany runs
+        # its statement once per parameter set.
+        parameters, executemany = args[3], args[5]
+        metrics.DB_STATEMENTS.inc(len(parameters) if executemany and parameters else 1)
 
 
 def _wal(cursor: Any, timeout: float) -> None:

@@ -278,12 +278,17 @@ class ImapSession:
     def _uids_after(self, uid: int) -> list[int]:
         # "n:*" always matches the highest UID even when it is below n (RFC 3501 §6.4.8).
         found = self.client.search(["UID", f"{uid + 1}:*"])
-        # Mail that arrived while the SEARCH ran is reported in its untagged responses (kept
-        # by imaplib, reported by no later command): look again before going idle.
-        pending = self.client._imap.untagged_responses
-        if pending.pop("EXISTS", None) or pending.pop("RECENT", None):
-            self._changed = True
+        self._note_changes()
         return sorted(u for u in found if u > uid)
+
+    def _note_changes(self) -> None:
+        """Mail that arrived while a command ran (SEARCH, FETCH) is reported in that command's
+        untagged responses, which imaplib keeps and no later command reports again (not the
+        NOOP before IDLE, not IDLE): remember to look again before going idle."""
+        pending = self.client._imap.untagged_responses
+        exists, recent = pending.pop("EXISTS", None), pending.pop("RECENT", None)
+        if exists or recent:
+            self._changed = True
 
     async def uids_after(self, uid: int) -> list[int]:
         """UIDs above uid, ascending: a quiet check costs the same for any mailbox size."""
@@ -294,14 +299,18 @@ class ImapSession:
         return await self._call(lambda: sorted(self.client.search("ALL")))
 
     def _fetch(self, uids: list[int]) -> list[FetchedMail]:
-        return _fetch_summaries(self.client, uids)
+        fetched = _fetch_summaries(self.client, uids)
+        self._note_changes()
+        return fetched
 
     async def fetch(self, uids: list[int]) -> list[FetchedMail]:
         """The start of each message and its BODYSTRUCTURE, with BODY.PEEK (never \\Seen)."""
         return await self._call(self._fetch, uids)
 
     def _headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
-        return _fetch_headers(self.client, uids)
+        headers = _fetch_headers(self.client, uids)
+        self._note_changes()
+        return headers
 
     async def headers(self, uids: list[int]) -> list[tuple[int, bytes]]:
         """(uid, a few header fields) for each UID still present, in the order given."""

@@ -147,6 +147,7 @@ async def test_metrics_count_a_posted_and_a_muted_mail(
     assert 0 < grew("mailbridge_delivery_delay_seconds_sum") < 10
     assert value(after, "mailbridge_telegram_last_ok_timestamp_seconds") > 0
     assert value(after, "mailbridge_outbox_items", status="pending") == 0
+    assert grew("mailbridge_db_statements_total") > 0  # recording and posting used the database
     assert value(after, "process_resident_memory_bytes") > 0
 
 

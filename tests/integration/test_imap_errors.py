@@ -141,3 +141,21 @@ async def test_a_bug_in_a_button_action_fails_that_job_only(
     # The traceback is logged (as text: the secret filter formats it to mask it).
     traceback = failed[0].exc_text or ""
     assert "TypeError: can only concatenate list" in traceback, traceback
+
+
+async def test_mail_reported_during_a_fetch_is_looked_for_before_idling(
+    session, dovecot, mail_user
+) -> None:
+    # Dovecot reports a mail that arrives after the watcher's SEARCH as "* N EXISTS" in the
+    # answer to its FETCH; no later NOOP or IDLE reports it again. Lost, it would wait for the
+    # folder's next change or the IDLE renewal (9 minutes).
+    first = dovecot.append(mail_user.name, mail_user.password, mail("One"))
+    async with asyncio.timeout(10):  # the session sees it once Dovecot told it (~0.5 s)
+        while await session.uids_after(0) != [first]:
+            pass
+    session._changed = False  # the watcher would check now; what follows is the case
+    dovecot.append(mail_user.name, mail_user.password, mail("Two, during the fetch"))
+    async with asyncio.timeout(10):  # Dovecot notices the new mail within about 0.5 s
+        while not session._changed:
+            await session.fetch([first])
+    assert await session.idle_wait(asyncio.Event(), renew_after=3) is True
