@@ -232,9 +232,11 @@ class Delivery:
                 "delivery to chat %s failed unexpectedly", chat_id, extra={"chat": chat_id}
             )
         finally:
-            # Nothing due: the chat is free for whichever instance records its next mail (the
-            # pacing lives in the database), instead of waiting for this lease to run out.
-            await self.leases.release(f"chat:{chat_id}")
+            # Nothing due: with other instances, the chat is free for whichever one records its
+            # next mail (the pacing lives in the database), instead of waiting for this lease
+            # to run out. Alone, keeping it spares a write before the next message.
+            if self.leases.instances > 1:
+                await self.leases.release(f"chat:{chat_id}")
             del self._workers[chat_id]
             self._wakeup.set()  # rows may have arrived after the last look
 
