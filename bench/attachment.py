@@ -32,13 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import os
-import platform
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine  # noqa: E402
 from tests.integration.conftest import OWNER  # noqa: E402
 from tests.servers.botapi import Call, FakeBotApi  # noqa: E402
 from tests.servers.certs import CA  # noqa: E402
@@ -60,28 +58,6 @@ MB = 1_048_576
 RSS_TARGET_MB = 120.0
 BYTES_TARGET = 1.1
 FILENAME = "measurements-2026.bin"
-
-
-def machine() -> str:
-    """One line: cores, CPU model, Python, date and commit."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 (read-only)
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return (
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; nproc {len(os.sched_getaffinity(0))}"
-        f" ({model or platform.machine()}); Python {platform.python_version()};"
-        f" commit {commit or '?'} (working tree, uncommitted changes included)"
-    )
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -57,17 +57,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import itertools
 import json
 import os
-import platform
 import random
 import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +83,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from tests.conftest import POSTGRES_DEFAULT, POSTGRES_VARIABLE  # noqa: E402
 from tests.integration.conftest import OWNER  # noqa: E402
 from tests.servers.botapi import FakeBotApi  # noqa: E402
@@ -122,28 +120,6 @@ class BenchDovecot(DovecotServer):
     def pid(self) -> int:
         """The master process's pid (its children are the server's processes)."""
         return self._process.pid if self._process is not None else -1
-
-
-def machine() -> str:
-    """One line: date, cores, CPU model, Python, commit."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 (read-only)
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return (
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; nproc {len(os.sched_getaffinity(0))}"
-        f" ({model or platform.machine()}); Python {platform.python_version()};"
-        f" commit {commit or '?'} (working tree, uncommitted changes included)"
-    )
 
 
 def p95(values: list[float]) -> float:

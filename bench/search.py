@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import os
-import platform
 import re
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from pydantic import SecretStr  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from bridge import actions  # noqa: E402
 from bridge.config import ImapSettings  # noqa: E402
 from bridge.mail.imap import with_connection  # noqa: E402
@@ -78,28 +76,6 @@ TEMPLATE = (
 RARE = (b"Subject: Weekly ordinary", b"Subject: Weekly kangaroo")
 OTHER_SENDER = (b"From: Ann Example <ann@example.org>", b"From: Bob Example <bob@example.net>")
 _NUMBER = re.compile(r"\.M(\d+)P")
-
-
-def machine() -> str:
-    """One line: date, cores, CPU model, Python and commit."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 (read-only)
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return (
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; nproc {len(os.sched_getaffinity(0))}"
-        f" ({model or platform.machine()}); Python {platform.python_version()};"
-        f" commit {commit or '?'} (working tree, uncommitted changes included)"
-    )
 
 
 def queries(now: float) -> list[tuple[str, str]]:
